@@ -1,0 +1,201 @@
+"""`fastdiff.ops.sampler_step`: one reverse-diffusion step, fused, with in-kernel noise.
+
+Per element (coefficients from `StepCoefficients`, built by fastdiff.sampling):
+
+    x0   = a1 * x_t + a2 * model_out          # eps, x0 or v parameterisation (Eq. 71)
+    x0   = clamp(x0, -1, 1)                   # if clip_denoised
+    mean = c1 * x0 + c2 * x_t                 # DDPM posterior mean (Eq. 68) or DDIM (Eq. 114)
+    x    = mean + sigma * std * z             # z: Philox stream (seed, sample, step, element)
+
+`std` is 1 for a fixed variance; for a learned one it is exp(log_var / 2) with log_var
+the model's variance channels ("learned") or Eq. 101's interpolation between
+`min_log` (log beta-tilde) and `max_log` (log beta) ("learned_range").
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import List, Sequence, Tuple
+
+import torch
+
+from fastdiff.ops import _backend
+from fastdiff.ops.philox import INITIAL_NOISE_STEP, MASK32, philox_normal_reference
+
+VARIANCE_MODES = {"fixed": 0, "learned": 1, "learned_range": 2}
+_NATIVE_DTYPES = {torch.float32: 0, torch.float64: 1}
+_MAX_SEED = 2**63 - 1
+
+
+@dataclasses.dataclass(frozen=True)
+class StepCoefficients:
+    """Scalars of one sampler step (see the module docstring)."""
+
+    a1: float
+    a2: float
+    c1: float
+    c2: float
+    sigma: float
+    min_log: float = 0.0
+    max_log: float = 0.0
+
+    def as_list(self) -> List[float]:
+        return [float(v) for v in dataclasses.astuple(self)]
+
+
+# --------------------------------------------------------------------------- checks
+def _check_int(name: str, value, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
+    if not low <= value <= high:
+        raise ValueError(f"{name} must be in [{low}, {high}], got {value}")
+    return value
+
+
+def _check_step_inputs(x_t, model_output, variance: str, seed, step, sample_offset) -> int:
+    if not isinstance(x_t, torch.Tensor):
+        raise TypeError(f"x_t must be a torch.Tensor, got {type(x_t).__name__}")
+    if not isinstance(model_output, torch.Tensor):
+        raise TypeError(f"model_output must be a torch.Tensor, got {type(model_output).__name__}")
+    if not x_t.is_floating_point():
+        raise TypeError(f"x_t must be a floating-point tensor, got dtype {x_t.dtype}")
+    if model_output.dtype != x_t.dtype:
+        raise TypeError(f"model_output dtype {model_output.dtype} does not match x_t dtype {x_t.dtype}")
+    if model_output.device != x_t.device:
+        raise ValueError(f"model_output is on {model_output.device} but x_t is on {x_t.device}")
+    if x_t.dim() < 1:
+        raise ValueError("x_t must have a batch dimension, got a 0-d tensor")
+    if variance not in VARIANCE_MODES:
+        raise ValueError(f"variance must be one of {tuple(VARIANCE_MODES)}, got {variance!r}")
+    if variance == "fixed":
+        if model_output.shape != x_t.shape:
+            raise ValueError(f"model_output shape {tuple(model_output.shape)} must equal x_t shape "
+                             f"{tuple(x_t.shape)} for a fixed variance")
+    else:
+        expected = (x_t.shape[0], 2 * x_t.shape[1], *x_t.shape[2:]) if x_t.dim() >= 2 else None
+        if expected is None or tuple(model_output.shape) != expected:
+            raise ValueError(f"model_output shape {tuple(model_output.shape)} must be {expected} "
+                             f"(mean channels then variance channels) for variance={variance!r}")
+    _check_int("seed", seed, 0, _MAX_SEED)
+    _check_int("step", step, 0, MASK32)
+    _check_int("sample_offset", sample_offset, 0, MASK32)
+    if sample_offset + x_t.shape[0] - 1 > MASK32:
+        raise ValueError(f"sample_offset + batch must stay below 2^32, got {sample_offset} + {x_t.shape[0]}")
+    return VARIANCE_MODES[variance]
+
+
+# --------------------------------------------------------------------------- reference
+def sampler_step_reference(x_t: torch.Tensor, model_output: torch.Tensor, coefs: Sequence[float],
+                           seed: int, step: int, sample_offset: int = 0, clip_denoised: bool = False,
+                           variance_mode: int = 0) -> torch.Tensor:
+    """Pure-torch ground truth, computed in float64 and returned in x_t's dtype."""
+    a1, a2, c1, c2, sigma, min_log, max_log = coefs
+    x = x_t.to(torch.float64)
+    out = model_output.to(torch.float64)
+    mean_out = out[:, : x.shape[1]] if variance_mode else out
+    x0 = a1 * x + a2 * mean_out
+    if clip_denoised:
+        x0 = x0.clamp(-1.0, 1.0)
+    result = c1 * x0 + c2 * x
+    if sigma != 0.0:
+        batch = x.shape[0]
+        z = philox_normal_reference(batch, x[0].numel(), seed=seed, step=step,
+                                    sample_offset=sample_offset, device=x.device).reshape(x.shape)
+        scale = torch.full_like(x, sigma)
+        if variance_mode == VARIANCE_MODES["learned"]:
+            scale = sigma * torch.exp(0.5 * out[:, x.shape[1]:])
+        elif variance_mode == VARIANCE_MODES["learned_range"]:
+            frac = (out[:, x.shape[1]:] + 1.0) / 2.0  # Eq. 101 (errata): v in [-1, 1]
+            scale = sigma * torch.exp(0.5 * (frac * max_log + (1.0 - frac) * min_log))
+        result = result + scale * z
+    return result.to(x_t.dtype)
+
+
+# --------------------------------------------------------------------------- native
+def _sampler_step_native(x_t, model_output, coefs, seed, step, sample_offset, clip_denoised, variance_mode):
+    compute_dtype = x_t.dtype if x_t.dtype in _NATIVE_DTYPES else torch.float32
+    x = x_t.to(compute_dtype).contiguous()
+    out = model_output.to(compute_dtype).contiguous()
+    y = torch.empty_like(x, memory_format=torch.contiguous_format)
+    batch = x.shape[0]
+    numel = x[0].numel() if batch else 0
+    if batch and numel:
+        a1, a2, c1, c2, sigma, min_log, max_log = coefs
+        _backend.native_lib.sampler_step(
+            x=x.data_ptr(), model_output=out.data_ptr(), y=y.data_ptr(), batch=batch,
+            numel_per_sample=numel, output_sample_stride=out[0].numel(), a1=a1, a2=a2, c1=c1, c2=c2,
+            sigma=sigma, min_log=min_log, max_log=max_log, seed=seed, step=step,
+            sample_offset=sample_offset, clip=clip_denoised, variance_mode=variance_mode,
+            dtype=_NATIVE_DTYPES[compute_dtype], num_threads=torch.get_num_threads())
+    return y.to(x_t.dtype)
+
+
+# --------------------------------------------------------------------------- custom op
+@torch.library.custom_op("fastdiff::sampler_step", mutates_args=())
+def _sampler_step_op(x_t: torch.Tensor, model_output: torch.Tensor, coefs: List[float], seed: int,
+                     step: int, sample_offset: int, clip_denoised: bool, variance_mode: int) -> torch.Tensor:
+    backend = _backend.resolve(x_t.device, "sampler_step", has_triton_kernel=_triton_impl() is not None)
+    args = (x_t, model_output, coefs, seed, step, sample_offset, clip_denoised, variance_mode)
+    if backend == "native":
+        return _sampler_step_native(*args)
+    if backend == "triton":
+        return _triton_impl()(*args)
+    return sampler_step_reference(*args).contiguous()
+
+
+@_sampler_step_op.register_fake
+def _(x_t, model_output, coefs, seed, step, sample_offset, clip_denoised, variance_mode):
+    return torch.empty_like(x_t, memory_format=torch.contiguous_format)
+
+
+def _triton_impl():
+    """The Triton launcher, once the GPU path provides one (issue: GPU path)."""
+    try:
+        from fastdiff.triton_kernels import sampler_step as triton_module  # type: ignore
+    except ImportError:
+        return None
+    return getattr(triton_module, "sampler_step_triton", None)
+
+
+def sampler_step(x_t: torch.Tensor, model_output: torch.Tensor, coefs: StepCoefficients, *, seed: int,
+                 step: int, sample_offset: int = 0, clip_denoised: bool = False,
+                 variance: str = "fixed") -> torch.Tensor:
+    """One fused reverse step; returns x_{t-1} (contiguous, x_t's dtype).
+
+    `step` indexes the noise stream (the sampler's step counter), `sample_offset` is the
+    global index of this batch's first sample, so a batch split into pieces draws the
+    same noise as the whole batch.
+    """
+    if not isinstance(coefs, StepCoefficients):
+        raise TypeError(f"coefs must be a fastdiff.ops.StepCoefficients, got {type(coefs).__name__}")
+    mode = _check_step_inputs(x_t, model_output, variance, seed, step, sample_offset)
+    return _sampler_step_op(x_t, model_output, coefs.as_list(), seed, step, sample_offset,
+                            bool(clip_denoised), mode)
+
+
+# --------------------------------------------------------------------------- plain noise
+def randn(shape: Tuple[int, ...], *, seed: int, step: int = INITIAL_NOISE_STEP, sample_offset: int = 0,
+          dtype: torch.dtype = torch.float32, device="cpu") -> torch.Tensor:
+    """Standard normals from the fastdiff stream; shape[0] is the sample index.
+
+    With the default `step` this is the x_T that `fastdiff.sample` starts from.
+    """
+    shape = tuple(int(s) for s in shape)
+    if len(shape) < 1 or any(s < 0 for s in shape):
+        raise ValueError(f"shape must be a non-empty tuple of non-negative sizes, got {shape}")
+    _check_int("seed", seed, 0, _MAX_SEED)
+    _check_int("step", step, 0, MASK32)
+    _check_int("sample_offset", sample_offset, 0, MASK32)
+    device = torch.device(device)
+    batch = shape[0]
+    numel = 1
+    for s in shape[1:]:
+        numel *= s
+    backend = _backend.resolve(device, "randn")
+    if backend == "native" and dtype in _NATIVE_DTYPES and batch * numel:
+        y = torch.empty(shape, dtype=dtype)
+        _backend.native_lib.philox_normal(y=y.data_ptr(), batch=batch, numel_per_sample=numel, seed=seed,
+                                          step=step, sample_offset=sample_offset,
+                                          dtype=_NATIVE_DTYPES[dtype], num_threads=torch.get_num_threads())
+        return y
+    z = philox_normal_reference(batch, numel, seed=seed, step=step, sample_offset=sample_offset, device=device)
+    return z.reshape(shape).to(dtype)
