@@ -1,7 +1,14 @@
-"""fastdiff: fast, correct diffusion models for PyTorch."""
+"""fastdiff: fast, correct diffusion models for PyTorch.
+
+    import fastdiff
+    x = fastdiff.sample(model, steps=50, eta=0)
+"""
 import torch  # noqa: F401  (before the extension: one OpenMP runtime, torch's)
 
 from fastdiff import ops  # noqa: E402
+from fastdiff.diffusion import GaussianDiffusion  # noqa: E402
+from fastdiff.sampling import sample, space_timesteps  # noqa: E402
+from fastdiff.schedule import NoiseSchedule  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["ops", "__version__"]
+__all__ = ["GaussianDiffusion", "NoiseSchedule", "ops", "sample", "space_timesteps", "__version__"]

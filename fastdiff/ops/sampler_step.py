@@ -111,10 +111,21 @@ def sampler_step_reference(x_t: torch.Tensor, model_output: torch.Tensor, coefs:
 
 
 # --------------------------------------------------------------------------- native
+def _samples_contiguous(t: torch.Tensor) -> bool:
+    """Each sample t[i] is one dense row-major block (the batch stride may be larger)."""
+    expected = 1
+    for size, stride in zip(reversed(t.shape[1:]), reversed(t.stride()[1:])):
+        if size != 1 and stride != expected:
+            return False
+        expected *= size
+    return t.shape[0] <= 1 or t.stride(0) >= expected
+
 def _sampler_step_native(x_t, model_output, coefs, seed, step, sample_offset, clip_denoised, variance_mode):
     compute_dtype = x_t.dtype if x_t.dtype in _NATIVE_DTYPES else torch.float32
     x = x_t.to(compute_dtype).contiguous()
-    out = model_output.to(compute_dtype).contiguous()
+    out = model_output.to(compute_dtype)
+    if not (variance_mode == 0 and _samples_contiguous(out)):
+        out = out.contiguous()  # a slice out[:, :C] of a contiguous output is read in place
     y = torch.empty_like(x, memory_format=torch.contiguous_format)
     batch = x.shape[0]
     numel = x[0].numel() if batch else 0
@@ -122,7 +133,7 @@ def _sampler_step_native(x_t, model_output, coefs, seed, step, sample_offset, cl
         a1, a2, c1, c2, sigma, min_log, max_log = coefs
         _backend.native_lib.sampler_step(
             x=x.data_ptr(), model_output=out.data_ptr(), y=y.data_ptr(), batch=batch,
-            numel_per_sample=numel, output_sample_stride=out[0].numel(), a1=a1, a2=a2, c1=c1, c2=c2,
+            numel_per_sample=numel, output_sample_stride=out.stride(0) if variance_mode == 0 else out[0].numel(), a1=a1, a2=a2, c1=c1, c2=c2,
             sigma=sigma, min_log=min_log, max_log=max_log, seed=seed, step=step,
             sample_offset=sample_offset, clip=clip_denoised, variance_mode=variance_mode,
             dtype=_NATIVE_DTYPES[compute_dtype], num_threads=torch.get_num_threads())

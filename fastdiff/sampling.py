@@ -1,0 +1,165 @@
+"""Samplers: respacing, DDIM (Song et al.) and ancestral DDPM (Ho et al.), one fused
+`fastdiff.ops.sampler_step` per step.
+
+Both samplers run on a respaced subsequence of `steps` timesteps whose betas are
+recomputed from abar (GaussianDiffusion.respace), so a learned variance stays right with
+few steps; the model always sees the original timesteps.
+"""
+from __future__ import annotations
+
+from typing import Callable, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+from fastdiff import ops
+from fastdiff.diffusion import GaussianDiffusion, _check_choice
+from fastdiff.ops.philox import INITIAL_NOISE_STEP
+from fastdiff.ops.sampler_step import StepCoefficients
+from fastdiff.schedule import NoiseSchedule
+
+SPACINGS = ("uniform", "leading", "trailing", "quadratic")
+SAMPLERS = ("ddim", "ddpm")
+
+
+def space_timesteps(T: int, steps: int, spacing: str = "uniform") -> List[int]:
+    """`steps` distinct timesteps in [0, T-1], ascending.
+
+    uniform:   round(linspace(0, T-1, steps)), holding both 0 and T-1 (T-1 alone for steps=1)
+    leading:   0, r, 2r, ... with r = T // steps (diffusers' "leading")
+    trailing:  round(T - k T / steps) - 1 for k < steps, ending at T-1 (diffusers' "trailing")
+    quadratic: int(linspace(0, sqrt(0.8 T), steps)^2) (Song et al.'s DDIM code)
+    """
+    _check_choice("spacing", spacing, SPACINGS)
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)):
+        raise TypeError(f"steps must be an int, got {type(steps).__name__} ({steps!r})")
+    if not 1 <= steps <= T:
+        raise ValueError(f"steps must be in [1, T={T}], got {steps}")
+    if spacing == "uniform":
+        ts = [T - 1] if steps == 1 else np.round(np.linspace(0, T - 1, steps)).astype(np.int64).tolist()
+    elif spacing == "leading":
+        ts = (np.arange(steps) * (T // steps)).tolist()
+    elif spacing == "trailing":
+        ts = (np.round(np.arange(T, 0, -T / steps)).astype(np.int64) - 1)[:steps].tolist()
+    else:
+        ts = (np.linspace(0, np.sqrt(T * 0.8), steps) ** 2).astype(np.int64).tolist()
+        if len(set(ts)) != steps:
+            raise ValueError(f"spacing='quadratic' gives repeated timesteps for steps={steps} with T={T}; "
+                             f"use at most about {int(np.sqrt(0.8 * T))} steps or another spacing")
+    return sorted(set(int(t) for t in ts))
+
+
+def ddim_sigma(alpha_cumprod: float, alpha_cumprod_prev: float, eta: float) -> float:
+    """Eq. 119: sigma = eta sqrt((1 - abar_prev) / (1 - abar)) sqrt(1 - abar / abar_prev)."""
+    return eta * np.sqrt((1.0 - alpha_cumprod_prev) / (1.0 - alpha_cumprod)) * \
+        np.sqrt(1.0 - alpha_cumprod / alpha_cumprod_prev)
+
+
+def _output_to_x0(d: GaussianDiffusion, i: int):
+    """(a1, a2) with x0 = a1 x_t + a2 model_out at (respaced) index i."""
+    if d.prediction == "eps":
+        return d.sqrt_recip_alphas_cumprod[i].item(), -d.sqrt_recipm1_alphas_cumprod[i].item()
+    if d.prediction == "v":
+        return d.sqrt_alphas_cumprod[i].item(), -d.sqrt_one_minus_alphas_cumprod[i].item()
+    return 0.0, 1.0
+
+
+def step_coefficients(d: GaussianDiffusion, i: int, sampler: str, eta: float = 0.0) -> StepCoefficients:
+    """The fused step's scalars for leaving (respaced) index i of diffusion d."""
+    a1, a2 = _output_to_x0(d, i)
+    if sampler == "ddim":
+        # Eq. 114: x_prev = sqrt(abar_prev) x0 + sqrt(1 - abar_prev - sigma^2) eps + sigma z, with
+        # eps recomputed from the (possibly clipped) x0: eps = (x_t - sqrt(abar) x0) / sqrt(1 - abar)
+        ac, ac_prev = d.alphas_cumprod[i].item(), d.alphas_cumprod_prev[i].item()
+        sigma = ddim_sigma(ac, ac_prev, eta)
+        dir_sq = 1.0 - ac_prev - sigma ** 2
+        if dir_sq < -1e-12:
+            raise ValueError(f"eta={eta} is too large: sigma^2 exceeds 1 - abar_prev at step {i}")
+        c2 = np.sqrt(max(dir_sq, 0.0)) / np.sqrt(1.0 - ac)
+        c1 = np.sqrt(ac_prev) - c2 * np.sqrt(ac)
+        return StepCoefficients(a1, a2, float(c1), float(c2), float(sigma))
+    # Ancestral step (Algorithm 2 corrected): posterior mean at the predicted x0 (Eq. 68),
+    # the diffusion's variance, and no noise when leaving t = 0.
+    c1, c2 = d.posterior_mean_coef1[i].item(), d.posterior_mean_coef2[i].item()
+    min_log = d.posterior_log_variance_clipped[i].item()
+    max_log = float(np.log(d.betas[i].item()))
+    if d.variance == "fixed_small":
+        sigma = float(np.exp(0.5 * min_log))
+    elif d.variance == "fixed_large":
+        sigma = float(np.sqrt(d.large_variance[i].item()))
+    else:
+        sigma = 1.0  # scales exp(log_var / 2) read from the model's variance channels
+    if i == 0:
+        sigma = 0.0
+    return StepCoefficients(a1, a2, c1, c2, sigma, min_log, max_log)
+
+
+def _default_device(model, x_T):
+    if x_T is not None:
+        return x_T.device
+    if isinstance(model, torch.nn.Module):
+        for p in model.parameters():
+            return p.device
+    return torch.device("cpu")
+
+
+@torch.no_grad()
+def sample(model: Callable, shape: Optional[Sequence[int]] = None, steps: int = 50, eta: float = 0.0,
+           diffusion: Optional[GaussianDiffusion] = None, seed: int = 0, spacing: str = "uniform",
+           clip_denoised: bool = True, sampler: str = "ddim", x_T: Optional[torch.Tensor] = None,
+           n: int = 16, model_kwargs: Optional[dict] = None, progress: bool = False,
+           device=None, dtype: torch.dtype = torch.float32, sample_offset: int = 0) -> torch.Tensor:
+    """Draw samples by DDIM (Eq. 114, sigma from Eq. 119) or ancestral DDPM.
+
+    model: any callable model(x_t, t, **model_kwargs), t a LongTensor (B,) of original timesteps.
+    shape: full shape (B, ...) of the batch; omitted for models with `sample_shape`, then
+        `n` samples are drawn.
+    eta: DDIM stochasticity (0 = deterministic); ignored by sampler="ddpm".
+    seed, sample_offset: the noise of sample i is a function of (seed, sample_offset + i,
+        step, element) only, so the first image of a batch equals the image drawn alone.
+    """
+    _check_choice("sampler", sampler, SAMPLERS)
+    if not isinstance(eta, (int, float)) or isinstance(eta, bool) or not np.isfinite(eta) or eta < 0:
+        raise ValueError(f"eta must be a finite number >= 0, got {eta!r}")
+    if diffusion is None:
+        diffusion = getattr(model, "diffusion", None) or GaussianDiffusion(NoiseSchedule.linear(1000))
+    if not isinstance(diffusion, GaussianDiffusion):
+        raise TypeError(f"diffusion must be a fastdiff.GaussianDiffusion, got {type(diffusion).__name__}")
+    timesteps = space_timesteps(diffusion.T, steps, spacing)
+    d = diffusion.respace(timesteps)
+    if x_T is not None:
+        if not isinstance(x_T, torch.Tensor) or not x_T.is_floating_point():
+            raise TypeError(f"x_T must be a floating-point tensor, got {type(x_T).__name__}")
+        if shape is not None and tuple(x_T.shape) != tuple(shape):
+            raise ValueError(f"x_T shape {tuple(x_T.shape)} does not match shape {tuple(shape)}")
+        x = x_T.clone()
+    else:
+        if shape is None:
+            sample_shape = getattr(model, "sample_shape", None)
+            if sample_shape is None:
+                raise ValueError("shape is required for a model without a `sample_shape` attribute")
+            shape = (n, *sample_shape)
+        shape = tuple(int(s) for s in shape)
+        if len(shape) < 1 or any(s < 1 for s in shape):
+            raise ValueError(f"shape must be (batch, ...) with positive sizes, got {shape}")
+        device = torch.device(device) if device is not None else _default_device(model, None)
+        x = ops.randn(shape, seed=seed, step=INITIAL_NOISE_STEP, sample_offset=sample_offset,
+                      dtype=dtype, device=device)
+    # Every step's scalars up front: nothing is recomputed inside the loop.
+    coefs = [step_coefficients(d, i, sampler, eta) for i in range(d.T)]
+    # The kernel reads the model's variance channels only for an ancestral step with a
+    # learned variance; DDIM's sigma comes from eta, so it is handed the mean channels.
+    variance = d.variance if (sampler == "ddpm" and d.learned_variance) else "fixed"
+    mean_only = sampler == "ddim" and d.learned_variance
+    indices = range(d.T - 1, -1, -1)
+    if progress:
+        from tqdm.auto import tqdm
+        indices = tqdm(indices, desc=f"{sampler} sampling", total=d.T)
+    batch = x.shape[0]
+    for i in indices:
+        t = torch.full((batch,), int(d.timestep_map[i]), dtype=torch.long, device=x.device)
+        out = model(x, t, **(model_kwargs or {})).to(x.dtype)
+        mean_part, _ = d.split_output(out, x)  # shape check with a clear message
+        x = ops.sampler_step(x, mean_part if mean_only else out, coefs[i], seed=seed, step=i, sample_offset=sample_offset,
+                             clip_denoised=clip_denoised, variance=variance)
+    return x
