@@ -2,14 +2,22 @@
 // pointers, sizes and scalars; nothing here touches libtorch, and each kernel runs with
 // the GIL released.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
+#include <array>
 #include <cstdint>
 
+#include "cpu/attention.h"
+#include "cpu/group_norm_silu.h"
 #include "cpu/sampler_step.h"
 
 namespace py = pybind11;
 using fastdiff::NormalArgs;
 using fastdiff::SamplerStepArgs;
+using fastdiff::AttentionArgs;
+using fastdiff::AttentionBackwardArgs;
+using fastdiff::GroupNormArgs;
+using fastdiff::GroupNormBackwardArgs;
 
 template <typename T>
 static T* as_ptr(uintptr_t p) {
@@ -53,4 +61,85 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("y"), py::arg("batch"), py::arg("numel_per_sample"), py::arg("seed"), py::arg("step"),
       py::arg("sample_offset"), py::arg("dtype"), py::arg("num_threads"));
+
+  m.def(
+      "group_norm_silu_forward",
+      [](uintptr_t x, uintptr_t weight, uintptr_t bias, uintptr_t y, uintptr_t mean, uintptr_t rstd,
+         int64_t batch, int64_t channels, int64_t spatial, int64_t groups, double eps, bool channels_last,
+         bool act, int dtype, int num_threads) {
+        GroupNormArgs args{as_ptr<const void>(x), as_ptr<const float>(weight), as_ptr<const float>(bias),
+                           as_ptr<void>(y), as_ptr<float>(mean), as_ptr<float>(rstd), batch, channels,
+                           spatial, groups, eps, channels_last, act, dtype, num_threads};
+        py::gil_scoped_release release;
+        fastdiff::group_norm_silu_forward_cpu(args);
+      },
+      py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("y"), py::arg("mean"), py::arg("rstd"),
+      py::arg("batch"), py::arg("channels"), py::arg("spatial"), py::arg("groups"), py::arg("eps"),
+      py::arg("channels_last"), py::arg("act"), py::arg("dtype"), py::arg("num_threads"));
+
+  m.def(
+      "group_norm_silu_backward",
+      [](uintptr_t grad_y, uintptr_t x, uintptr_t weight, uintptr_t bias, uintptr_t mean, uintptr_t rstd,
+         uintptr_t grad_x, uintptr_t grad_weight, uintptr_t grad_bias, int64_t batch, int64_t channels,
+         int64_t spatial, int64_t groups, bool channels_last, bool act, int dtype, int num_threads) {
+        GroupNormBackwardArgs args{as_ptr<const void>(grad_y), as_ptr<const void>(x), as_ptr<const float>(weight),
+                                   as_ptr<const float>(bias), as_ptr<const float>(mean),
+                                   as_ptr<const float>(rstd), as_ptr<void>(grad_x), as_ptr<float>(grad_weight),
+                                   as_ptr<float>(grad_bias), batch, channels, spatial, groups, channels_last,
+                                   act, dtype, num_threads};
+        py::gil_scoped_release release;
+        fastdiff::group_norm_silu_backward_cpu(args);
+      },
+      py::arg("grad_y"), py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("mean"), py::arg("rstd"),
+      py::arg("grad_x"), py::arg("grad_weight"), py::arg("grad_bias"), py::arg("batch"), py::arg("channels"),
+      py::arg("spatial"), py::arg("groups"), py::arg("channels_last"), py::arg("act"), py::arg("dtype"),
+      py::arg("num_threads"));
+
+  // Strides are (batch, head, position) in elements; the head dim must be dense.
+  m.def(
+      "attention_forward",
+      [](uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, uintptr_t lse, int64_t batch, int64_t heads,
+         int64_t len_q, int64_t len_k, int64_t head_dim, std::array<int64_t, 3> q_stride,
+         std::array<int64_t, 3> k_stride, std::array<int64_t, 3> v_stride, double scale, int dtype,
+         int num_threads) {
+        AttentionArgs args{as_ptr<const void>(q), as_ptr<const void>(k), as_ptr<const void>(v), as_ptr<void>(out),
+                           as_ptr<float>(lse), batch, heads, len_q, len_k, head_dim, {}, {}, {},
+                           static_cast<float>(scale), dtype, num_threads};
+        for (int i = 0; i < 3; ++i) {
+          args.q_stride[i] = q_stride[i];
+          args.k_stride[i] = k_stride[i];
+          args.v_stride[i] = v_stride[i];
+        }
+        py::gil_scoped_release release;
+        fastdiff::attention_forward_cpu(args);
+      },
+      py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("batch"),
+      py::arg("heads"), py::arg("len_q"), py::arg("len_k"), py::arg("head_dim"), py::arg("q_stride"),
+      py::arg("k_stride"), py::arg("v_stride"), py::arg("scale"), py::arg("dtype"), py::arg("num_threads"));
+
+  m.def(
+      "attention_backward",
+      [](uintptr_t grad_out, uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, uintptr_t lse,
+         uintptr_t grad_q, uintptr_t grad_k, uintptr_t grad_v, int64_t batch, int64_t heads, int64_t len_q,
+         int64_t len_k, int64_t head_dim, std::array<int64_t, 3> grad_out_stride, std::array<int64_t, 3> q_stride,
+         std::array<int64_t, 3> k_stride, std::array<int64_t, 3> v_stride, double scale, int dtype,
+         int num_threads) {
+        AttentionBackwardArgs args{as_ptr<const void>(grad_out), as_ptr<const void>(q), as_ptr<const void>(k),
+                                   as_ptr<const void>(v), as_ptr<const void>(out), as_ptr<const float>(lse),
+                                   as_ptr<void>(grad_q), as_ptr<void>(grad_k), as_ptr<void>(grad_v), batch,
+                                   heads, len_q, len_k, head_dim, {}, {}, {}, {},
+                                   static_cast<float>(scale), dtype, num_threads};
+        for (int i = 0; i < 3; ++i) {
+          args.grad_out_stride[i] = grad_out_stride[i];
+          args.q_stride[i] = q_stride[i];
+          args.k_stride[i] = k_stride[i];
+          args.v_stride[i] = v_stride[i];
+        }
+        py::gil_scoped_release release;
+        fastdiff::attention_backward_cpu(args);
+      },
+      py::arg("grad_out"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"),
+      py::arg("grad_q"), py::arg("grad_k"), py::arg("grad_v"), py::arg("batch"), py::arg("heads"),
+      py::arg("len_q"), py::arg("len_k"), py::arg("head_dim"), py::arg("grad_out_stride"), py::arg("q_stride"),
+      py::arg("k_stride"), py::arg("v_stride"), py::arg("scale"), py::arg("dtype"), py::arg("num_threads"));
 }

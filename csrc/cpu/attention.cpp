@@ -1,0 +1,290 @@
+// Flash-style attention on CPU (Dao et al., FlashAttention-2, Algorithms 1 and 2).
+//
+// Forward, one task per (batch*head, block of kBlockQ queries): for each block of kBlockK
+// keys, S = (scale Q) K^T for the tile, online softmax (running row max m and row sum l,
+// rescaling the accumulator by exp(m_old - m_new)), O += P V. Only one kBlockQ x kBlockK
+// tile of scores lives per thread. The log-sum-exp m + log l is saved for backward.
+//
+// Backward, one task per (batch*head): for each key block j, for each query block i,
+// recompute P = exp(S - lse), then
+//   dV_j += P^T dO_i,  dP = dO_i V_j^T,  dS = P * (dP - Delta_i),  Delta_i = rowsum(dO_i * O_i)
+//   dQ_i += scale dS K_j,  dK_j += scale dS^T Q_i
+// dQ of the whole head stays in the task's scratch, so no two threads write the same row.
+//
+// Data are copied tile by tile into fp32 scratch padded to the compile-time head dim kD
+// (8, 16, 32, 64, 128 or 256; zero padding leaves every product unchanged), keys also
+// transposed, so every inner loop runs over a compile-time length with unit stride:
+//   score tile:  acc[r][key] += q[r][d] * kt[d][key]   (4 query rows per pass, keys innermost)
+//   row updates: acc[d]      += p[key]  * v[key][d]    (head dim innermost)
+#include "cpu/attention.h"
+
+#include <algorithm>
+#include <cmath>
+#include <type_traits>
+#include <vector>
+
+#include "cpu/group_norm_silu.h"  // bf16 conversion and exp_approx
+#include "cpu/parallel.h"
+
+namespace fastdiff {
+namespace {
+
+constexpr int kBlockQ = 64;  // query rows per tile (multiple of kRowsPerPass)
+constexpr int kBlockK = 64;  // keys per tile
+constexpr int kRowsPerPass = 4;
+
+// Per-thread scratch, grown on demand and reused across tasks and calls.
+float* scratch(std::size_t floats) {
+  static thread_local std::vector<float> buffer;
+  if (buffer.size() < floats) buffer.resize(floats);
+  return buffer.data();
+}
+
+// rows (n x D, row stride `stride`) -> dst (kBlock x kD), scaled, zero padded.
+template <typename T, int kD>
+void load_rows(const T* src, int64_t stride, int64_t n, int64_t D, float scale, int rows, float* dst) {
+  for (int64_t r = 0; r < n; ++r) {
+    const T* s = src + r * stride;
+    float* d = dst + r * kD;
+    for (int64_t c = 0; c < D; ++c) d[c] = load_value(s, c) * scale;
+    for (int64_t c = D; c < kD; ++c) d[c] = 0.0f;
+  }
+  std::fill(dst + n * kD, dst + int64_t(rows) * kD, 0.0f);
+}
+
+// rows (n x D) -> dst (kD x kBlockK), transposed, zero padded.
+template <typename T, int kD>
+void load_rows_transposed(const T* src, int64_t stride, int64_t n, int64_t D, float* dst) {
+  std::fill(dst, dst + kD * kBlockK, 0.0f);
+  for (int64_t r = 0; r < n; ++r) {
+    const T* s = src + r * stride;
+    for (int64_t c = 0; c < D; ++c) dst[c * kBlockK + r] = load_value(s, c);
+  }
+}
+
+// s (kBlockQ x kBlockK) = a (kBlockQ x kD) * bt (kD x kBlockK).
+template <int kD>
+void tile_matmul_abt(const float* __restrict a, const float* __restrict bt, float* __restrict s) {
+  for (int i = 0; i < kBlockQ; i += kRowsPerPass) {
+    float acc[kRowsPerPass][kBlockK] = {};
+    for (int d = 0; d < kD; ++d) {
+      const float* __restrict brow = bt + d * kBlockK;
+      for (int r = 0; r < kRowsPerPass; ++r) {
+        const float av = a[(i + r) * kD + d];
+#pragma omp simd
+        for (int j = 0; j < kBlockK; ++j) acc[r][j] += av * brow[j];
+      }
+    }
+    for (int r = 0; r < kRowsPerPass; ++r)
+#pragma omp simd
+      for (int j = 0; j < kBlockK; ++j) s[(i + r) * kBlockK + j] = acc[r][j];
+  }
+}
+
+// row (kD) += sum_j coef[j * coef_stride] * rows[j] (rows: n x kD).
+template <int kD>
+inline void accumulate_rows(float* __restrict row, const float* __restrict coef, int coef_stride,
+                            const float* __restrict rows, int n) {
+  float acc[kD];
+#pragma omp simd
+  for (int d = 0; d < kD; ++d) acc[d] = row[d];
+  for (int j = 0; j < n; ++j) {
+    const float c = coef[j * coef_stride];
+#pragma omp simd
+    for (int d = 0; d < kD; ++d) acc[d] += c * rows[j * kD + d];
+  }
+#pragma omp simd
+  for (int d = 0; d < kD; ++d) row[d] = acc[d];
+}
+
+// ---------------------------------------------------------------------------- forward
+template <typename T, int kD>
+void forward(const AttentionArgs& a) {
+  const int64_t H = a.heads, Lq = a.len_q, Lk = a.len_k, D = a.head_dim;
+  const int64_t q_blocks = (Lq + kBlockQ - 1) / kBlockQ;
+  const T* q = static_cast<const T*>(a.q);
+  const T* k = static_cast<const T*>(a.k);
+  const T* v = static_cast<const T*>(a.v);
+  T* out = static_cast<T*>(a.out);
+  parallel_for(a.batch * H * q_blocks, a.num_threads, [&](int64_t task) {
+    const int64_t bh = task / q_blocks, b = bh / H, h = bh % H;
+    const int64_t q0 = (task % q_blocks) * kBlockQ, nq = std::min<int64_t>(kBlockQ, Lq - q0);
+    float* qs = scratch(2 * kBlockQ * kD + 2 * kBlockK * kD + kBlockQ * kBlockK + 2 * kBlockQ);
+    float* o = qs + kBlockQ * kD;        // (kBlockQ, kD) unnormalised output
+    float* kt = o + kBlockQ * kD;        // (kD, kBlockK) keys, transposed
+    float* vs = kt + kD * kBlockK;       // (kBlockK, kD) values
+    float* s = vs + kBlockK * kD;        // (kBlockQ, kBlockK) scores, then probabilities
+    float* m = s + kBlockQ * kBlockK;    // (kBlockQ,) running max
+    float* l = m + kBlockQ;              // (kBlockQ,) running sum
+    load_rows<T, kD>(q + b * a.q_stride[0] + h * a.q_stride[1] + q0 * a.q_stride[2], a.q_stride[2], nq, D,
+                     a.scale, kBlockQ, qs);
+    std::fill(o, o + kBlockQ * kD, 0.0f);
+    std::fill(m, m + kBlockQ, -INFINITY);
+    std::fill(l, l + kBlockQ, 0.0f);
+    const T* kb = k + b * a.k_stride[0] + h * a.k_stride[1];
+    const T* vb = v + b * a.v_stride[0] + h * a.v_stride[1];
+    for (int64_t k0 = 0; k0 < Lk; k0 += kBlockK) {
+      const int64_t nk = std::min<int64_t>(kBlockK, Lk - k0);
+      load_rows_transposed<T, kD>(kb + k0 * a.k_stride[2], a.k_stride[2], nk, D, kt);
+      load_rows<T, kD>(vb + k0 * a.v_stride[2], a.v_stride[2], nk, D, 1.0f, kBlockK, vs);
+      tile_matmul_abt<kD>(qs, kt, s);
+      for (int64_t i = 0; i < nq; ++i) {
+        float* si = s + i * kBlockK;
+        float row_max = m[i];
+        for (int64_t j = 0; j < nk; ++j) row_max = std::max(row_max, si[j]);
+        const float alpha = exp_approx(m[i] - row_max);  // 0 on the first block (m = -inf)
+        float row_sum = 0.0f;
+#pragma omp simd reduction(+ : row_sum)
+        for (int j = 0; j < kBlockK; ++j) {
+          const float p = j < nk ? exp_approx(si[j] - row_max) : 0.0f;
+          si[j] = p;
+          row_sum += p;
+        }
+        m[i] = row_max;
+        l[i] = l[i] * alpha + row_sum;
+        float* oi = o + i * kD;
+#pragma omp simd
+        for (int d = 0; d < kD; ++d) oi[d] *= alpha;
+        accumulate_rows<kD>(oi, si, 1, vs, int(nk));
+      }
+    }
+    T* ob = out + ((b * H + h) * Lq + q0) * D;
+    float* lse = a.lse + (b * H + h) * Lq + q0;
+    for (int64_t i = 0; i < nq; ++i) {
+      const float inv = 1.0f / l[i];
+      for (int64_t d = 0; d < D; ++d) store_value(ob, i * D + d, o[i * kD + d] * inv);
+      lse[i] = m[i] + std::log(l[i]);
+    }
+  });
+}
+
+// --------------------------------------------------------------------------- backward
+template <typename T, int kD>
+void backward(const AttentionBackwardArgs& a) {
+  const int64_t H = a.heads, Lq = a.len_q, Lk = a.len_k, D = a.head_dim;
+  const int64_t q_blocks = (Lq + kBlockQ - 1) / kBlockQ;
+  const int64_t lq_pad = q_blocks * kBlockQ;
+  const T* go = static_cast<const T*>(a.grad_out);
+  const T* q = static_cast<const T*>(a.q);
+  const T* k = static_cast<const T*>(a.k);
+  const T* v = static_cast<const T*>(a.v);
+  const T* out = static_cast<const T*>(a.out);
+  T* gq = static_cast<T*>(a.grad_q);
+  T* gk = static_cast<T*>(a.grad_k);
+  T* gv = static_cast<T*>(a.grad_v);
+  parallel_for(a.batch * H, a.num_threads, [&](int64_t bh) {
+    const int64_t b = bh / H, h = bh % H;
+    float* qs = scratch(3 * lq_pad * kD + 2 * lq_pad + 5 * kBlockK * kD + 2 * kBlockQ * kBlockK);
+    float* dos = qs + lq_pad * kD;      // (lq_pad, kD) dO
+    float* dq = dos + lq_pad * kD;      // (lq_pad, kD) dQ accumulator (without scale)
+    float* lse = dq + lq_pad * kD;      // (lq_pad,) +inf on padding rows: P = 0 there
+    float* delta = lse + lq_pad;        // (lq_pad,) rowsum(dO * O)
+    float* ks = delta + lq_pad;         // (kBlockK, kD) keys
+    float* kt = ks + kBlockK * kD;      // (kD, kBlockK) keys, transposed
+    float* vt = kt + kD * kBlockK;      // (kD, kBlockK) values, transposed
+    float* dk = vt + kD * kBlockK;      // (kBlockK, kD)
+    float* dv = dk + kBlockK * kD;      // (kBlockK, kD)
+    float* p = dv + kBlockK * kD;       // (kBlockQ, kBlockK) probabilities
+    float* ds = p + kBlockQ * kBlockK;  // (kBlockQ, kBlockK) dP, then dS
+    load_rows<T, kD>(q + b * a.q_stride[0] + h * a.q_stride[1], a.q_stride[2], Lq, D, a.scale, int(lq_pad), qs);
+    load_rows<T, kD>(go + b * a.grad_out_stride[0] + h * a.grad_out_stride[1], a.grad_out_stride[2], Lq, D,
+                     1.0f, int(lq_pad), dos);
+    std::fill(dq, dq + lq_pad * kD, 0.0f);
+    const T* ob = out + (b * H + h) * Lq * D;
+    for (int64_t i = 0; i < lq_pad; ++i) {
+      if (i < Lq) {
+        lse[i] = a.lse[(b * H + h) * Lq + i];
+        float acc = 0.0f;
+        for (int64_t d = 0; d < D; ++d) acc += dos[i * kD + d] * load_value(ob, i * D + d);
+        delta[i] = acc;
+      } else {
+        lse[i] = INFINITY;
+        delta[i] = 0.0f;
+      }
+    }
+    const T* kb = k + b * a.k_stride[0] + h * a.k_stride[1];
+    const T* vb = v + b * a.v_stride[0] + h * a.v_stride[1];
+    for (int64_t k0 = 0; k0 < Lk; k0 += kBlockK) {
+      const int64_t nk = std::min<int64_t>(kBlockK, Lk - k0);
+      load_rows<T, kD>(kb + k0 * a.k_stride[2], a.k_stride[2], nk, D, 1.0f, kBlockK, ks);
+      load_rows_transposed<T, kD>(kb + k0 * a.k_stride[2], a.k_stride[2], nk, D, kt);
+      load_rows_transposed<T, kD>(vb + k0 * a.v_stride[2], a.v_stride[2], nk, D, vt);
+      std::fill(dk, dk + 2 * kBlockK * kD, 0.0f);  // dk and dv
+      for (int64_t q0 = 0; q0 < lq_pad; q0 += kBlockQ) {
+        const float* qi = qs + q0 * kD;
+        const float* doi = dos + q0 * kD;
+        tile_matmul_abt<kD>(qi, kt, p);
+        tile_matmul_abt<kD>(doi, vt, ds);
+        for (int i = 0; i < kBlockQ; ++i) {
+          const float lse_i = lse[q0 + i], delta_i = delta[q0 + i];
+          float* pi = p + i * kBlockK;
+          float* dsi = ds + i * kBlockK;
+#pragma omp simd
+          for (int j = 0; j < kBlockK; ++j) {
+            const float pij = j < nk ? exp_approx(pi[j] - lse_i) : 0.0f;
+            pi[j] = pij;
+            dsi[j] = pij * (dsi[j] - delta_i);
+          }
+        }
+        for (int64_t j = 0; j < nk; ++j) {
+          accumulate_rows<kD>(dv + j * kD, p + j, kBlockK, doi, kBlockQ);
+          accumulate_rows<kD>(dk + j * kD, ds + j, kBlockK, qi, kBlockQ);
+        }
+        const int64_t nq = std::min<int64_t>(kBlockQ, Lq - q0);
+        for (int64_t i = 0; i < nq; ++i) accumulate_rows<kD>(dq + (q0 + i) * kD, ds + i * kBlockK, 1, ks, int(nk));
+      }
+      // dK = scale dS^T Q: qs already carries the scale.
+      T* gkb = gk + ((b * H + h) * Lk + k0) * D;
+      T* gvb = gv + ((b * H + h) * Lk + k0) * D;
+      for (int64_t j = 0; j < nk; ++j)
+        for (int64_t d = 0; d < D; ++d) {
+          store_value(gkb, j * D + d, dk[j * kD + d]);
+          store_value(gvb, j * D + d, dv[j * kD + d]);
+        }
+    }
+    T* gqb = gq + (b * H + h) * Lq * D;
+    for (int64_t i = 0; i < Lq; ++i)
+      for (int64_t d = 0; d < D; ++d) store_value(gqb, i * D + d, dq[i * kD + d] * a.scale);
+  });
+}
+
+// Calls fn with the smallest compiled head dim that holds D (8 <= D <= 256).
+template <typename T, typename Args, typename Fn>
+void dispatch_head_dim(const Args& a, Fn&& fn) {
+  if (a.head_dim <= 8) return fn(std::integral_constant<int, 8>{});
+  if (a.head_dim <= 16) return fn(std::integral_constant<int, 16>{});
+  if (a.head_dim <= 32) return fn(std::integral_constant<int, 32>{});
+  if (a.head_dim <= 64) return fn(std::integral_constant<int, 64>{});
+  if (a.head_dim <= 128) return fn(std::integral_constant<int, 128>{});
+  return fn(std::integral_constant<int, 256>{});
+}
+
+template <typename T>
+void forward_dtype(const AttentionArgs& a) {
+  dispatch_head_dim<T>(a, [&](auto kd) { forward<T, decltype(kd)::value>(a); });
+}
+
+template <typename T>
+void backward_dtype(const AttentionBackwardArgs& a) {
+  dispatch_head_dim<T>(a, [&](auto kd) { backward<T, decltype(kd)::value>(a); });
+}
+
+}  // namespace
+
+void attention_forward_cpu(const AttentionArgs& args) {
+  if (args.dtype == kStoreBFloat16) {
+    forward_dtype<uint16_t>(args);
+  } else {
+    forward_dtype<float>(args);
+  }
+}
+
+void attention_backward_cpu(const AttentionBackwardArgs& args) {
+  if (args.dtype == kStoreBFloat16) {
+    backward_dtype<uint16_t>(args);
+  } else {
+    backward_dtype<float>(args);
+  }
+}
+
+}  // namespace fastdiff

@@ -1,0 +1,375 @@
+// Fused GroupNorm + affine + SiLU, forward and backward (fp32 math; fp32 or bf16 storage).
+//
+// Forward, per (sample n, group g) over its M = C/G * S elements:
+//   mean, var  from one pass over x (chunked: exact two-pass inside a cache-sized chunk,
+//              chunks merged with Chan et al.'s parallel update; no E[x^2] - E[x]^2)
+//   y = silu(gamma_c * (x - mean) * rstd + beta_c),   rstd = 1 / sqrt(var + eps)
+// Backward recomputes xhat = (x - mean) * rstd and z = gamma * xhat + beta from the saved
+// (mean, rstd) instead of storing them:
+//   dz    = dy * silu'(z),          silu'(z) = s (1 + z (1 - s)),  s = sigmoid(z)
+//   dbeta = sum_{n,s} dz,           dgamma = sum_{n,s} dz * xhat
+//   dx    = rstd * (gamma dz - mean_g(gamma dz) - xhat * mean_g(gamma dz xhat))
+//
+// Layouts: NCS (a group is one contiguous run of M values) is processed one task per
+// (n, g), statistics and output while the group is in cache. NSC (channels_last) keeps
+// the channel index innermost, so the loops run over spatial chunks of a sample with
+// per-channel coefficient vectors; groups are reduced from per-channel partial sums.
+#include "cpu/group_norm_silu.h"
+
+#include <algorithm>
+#include <vector>
+
+#include "cpu/parallel.h"
+
+namespace fastdiff {
+namespace {
+
+// Elements per statistics chunk (fp32: 16 KiB, stays in L1 for the second pass).
+constexpr int64_t kStatChunk = 4096;
+// Target elements per channels_last task.
+constexpr int64_t kNscTaskElems = 16384;
+
+// Running (count, mean, M2) of a group, merged with Chan et al.'s pairwise update.
+struct Moments {
+  double count = 0.0, mean = 0.0, m2 = 0.0;
+  void merge(double n_b, double mean_b, double m2_b) {
+    if (n_b <= 0.0) return;
+    const double total = count + n_b;
+    const double delta = mean_b - mean;
+    mean += delta * (n_b / total);
+    m2 += m2_b + delta * delta * (count * n_b / total);
+    count = total;
+  }
+};
+
+inline float act_forward(float z, bool act) { return act ? z * sigmoid_approx(z) : z; }
+
+// d silu(z) / dz, or 1 without the activation.
+inline float act_grad(float z, bool act) {
+  if (!act) return 1.0f;
+  const float s = sigmoid_approx(z);
+  return s * (1.0f + z * (1.0f - s));
+}
+
+// Moments of a contiguous run, one cache-sized chunk at a time.
+template <typename T>
+Moments run_moments(const T* x, int64_t len) {
+  Moments m;
+  float buf[kStatChunk];
+  for (int64_t start = 0; start < len; start += kStatChunk) {
+    const int64_t n = std::min(kStatChunk, len - start);
+    float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t i = 0; i < n; ++i) {
+      buf[i] = load_value(x, start + i);
+      sum += buf[i];
+    }
+    const float chunk_mean = sum / float(n);
+    float m2 = 0.0f;
+#pragma omp simd reduction(+ : m2)
+    for (int64_t i = 0; i < n; ++i) {
+      const float d = buf[i] - chunk_mean;
+      m2 += d * d;
+    }
+    m.merge(double(n), double(chunk_mean), double(m2));
+  }
+  return m;
+}
+
+inline float rstd_of(const Moments& m, double eps) {
+  const double var = m.count > 0.0 ? std::max(m.m2 / m.count, 0.0) : 0.0;
+  return float(1.0 / std::sqrt(var + eps));
+}
+
+// ------------------------------------------------------------------ forward, NCS layout
+template <typename T>
+void forward_ncs(const GroupNormArgs& a) {
+  const int64_t C = a.channels, S = a.spatial, G = a.groups, Cg = C / G;
+  const T* x = static_cast<const T*>(a.x);
+  T* y = static_cast<T*>(a.y);
+  parallel_for(a.batch * G, a.num_threads, [&](int64_t task) {
+    const int64_t n = task / G, g = task % G;
+    const int64_t offset = (n * C + g * Cg) * S;
+    const Moments m = run_moments(x + offset, Cg * S);
+    const float mean = float(m.mean), rstd = rstd_of(m, a.eps);
+    a.mean[task] = mean;
+    a.rstd[task] = rstd;
+    for (int64_t cl = 0; cl < Cg; ++cl) {
+      const int64_t c = g * Cg + cl;
+      const float scale = rstd * a.weight[c];
+      const float shift = a.bias[c] - mean * scale;
+      const T* xr = x + offset + cl * S;
+      T* yr = y + offset + cl * S;
+      if (a.act) {
+#pragma omp simd
+        for (int64_t s = 0; s < S; ++s) store_value(yr, s, act_forward(load_value(xr, s) * scale + shift, true));
+      } else {
+#pragma omp simd
+        for (int64_t s = 0; s < S; ++s) store_value(yr, s, load_value(xr, s) * scale + shift);
+      }
+    }
+  });
+}
+
+// Spatial positions per channels_last task, and the number of such chunks per sample.
+inline int64_t nsc_positions(int64_t C, int64_t S) {
+  return std::min(S, std::max<int64_t>(1, kNscTaskElems / C));
+}
+
+// ------------------------------------------------------------------ forward, NSC layout
+template <typename T>
+void forward_nsc(const GroupNormArgs& a) {
+  const int64_t N = a.batch, C = a.channels, S = a.spatial, G = a.groups, Cg = C / G;
+  const T* x = static_cast<const T*>(a.x);
+  T* y = static_cast<T*>(a.y);
+  const int64_t P = nsc_positions(C, S);
+  const int64_t chunks = (S + P - 1) / P;
+  // Per (n, chunk, g): (mean, M2) of the chunk's P_valid * Cg values.
+  std::vector<float> part_mean(N * chunks * G), part_m2(N * chunks * G);
+  parallel_for(N * chunks, a.num_threads, [&](int64_t task) {
+    const int64_t n = task / chunks, chunk = task % chunks;
+    const int64_t s0 = chunk * P, np = std::min(P, S - s0);
+    const T* xs = x + (n * S + s0) * C;
+    std::vector<float> csum(C, 0.0f), cmean(C), cm2(C, 0.0f);
+    for (int64_t p = 0; p < np; ++p) {
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) csum[c] += load_value(xs, p * C + c);
+    }
+    const float inv = 1.0f / float(np * Cg);
+    for (int64_t g = 0; g < G; ++g) {
+      float gs = 0.0f;
+      for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) gs += csum[c];
+      const float gm = gs * inv;
+      part_mean[task * G + g] = gm;
+      for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) cmean[c] = gm;
+    }
+    for (int64_t p = 0; p < np; ++p) {
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) {
+        const float d = load_value(xs, p * C + c) - cmean[c];
+        cm2[c] += d * d;
+      }
+    }
+    for (int64_t g = 0; g < G; ++g) {
+      float gm2 = 0.0f;
+      for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) gm2 += cm2[c];
+      part_m2[task * G + g] = gm2;
+    }
+  });
+  // Merge the chunks of each (n, g) and fold gamma, beta into per-(n, c) scale, shift.
+  std::vector<float> scale(N * C), shift(N * C);
+  for (int64_t n = 0; n < N; ++n) {
+    for (int64_t g = 0; g < G; ++g) {
+      Moments m;
+      for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+        const double count = double(std::min(P, S - chunk * P) * Cg);
+        const int64_t i = (n * chunks + chunk) * G + g;
+        m.merge(count, part_mean[i], part_m2[i]);
+      }
+      const float mean = float(m.mean), rstd = rstd_of(m, a.eps);
+      a.mean[n * G + g] = mean;
+      a.rstd[n * G + g] = rstd;
+      for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) {
+        scale[n * C + c] = rstd * a.weight[c];
+        shift[n * C + c] = a.bias[c] - mean * scale[n * C + c];
+      }
+    }
+  }
+  parallel_for(N * chunks, a.num_threads, [&](int64_t task) {
+    const int64_t n = task / chunks, chunk = task % chunks;
+    const int64_t s0 = chunk * P, np = std::min(P, S - s0);
+    const T* xs = x + (n * S + s0) * C;
+    T* ys = y + (n * S + s0) * C;
+    const float* sc = scale.data() + n * C;
+    const float* sh = shift.data() + n * C;
+    for (int64_t p = 0; p < np; ++p) {
+      if (a.act) {
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c)
+          store_value(ys, p * C + c, act_forward(load_value(xs, p * C + c) * sc[c] + sh[c], true));
+      } else {
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c) store_value(ys, p * C + c, load_value(xs, p * C + c) * sc[c] + sh[c]);
+      }
+    }
+  });
+}
+
+// ----------------------------------------------------------------- backward, NCS layout
+// dweight/dbias partials per (n, c) are reduced over n after the parallel loop, so the
+// result does not depend on the thread count.
+template <typename T, bool kAct>
+void backward_ncs(const GroupNormBackwardArgs& a) {
+  const int64_t N = a.batch, C = a.channels, S = a.spatial, G = a.groups, Cg = C / G;
+  const T* x = static_cast<const T*>(a.x);
+  const T* dy = static_cast<const T*>(a.grad_y);
+  T* dx = static_cast<T*>(a.grad_x);
+  std::vector<float> part_dw(N * C), part_db(N * C);
+  parallel_for(N * G, a.num_threads, [&](int64_t task) {
+    const int64_t n = task / G, g = task % G;
+    const float mean = a.mean[task], rstd = a.rstd[task];
+    const float shift_hat = -mean * rstd;  // xhat = x * rstd + shift_hat
+    float sum_gdz = 0.0f, sum_gdz_xhat = 0.0f;
+    for (int64_t cl = 0; cl < Cg; ++cl) {
+      const int64_t c = g * Cg + cl;
+      const int64_t off = (n * C + c) * S;
+      const float w = a.weight[c], b = a.bias[c];
+      float sdz = 0.0f, sdzx = 0.0f;
+#pragma omp simd reduction(+ : sdz, sdzx)
+      for (int64_t s = 0; s < S; ++s) {
+        const float xhat = load_value(x, off + s) * rstd + shift_hat;
+        const float dz = load_value(dy, off + s) * act_grad(w * xhat + b, kAct);
+        sdz += dz;
+        sdzx += dz * xhat;
+      }
+      part_db[n * C + c] = sdz;
+      part_dw[n * C + c] = sdzx;
+      sum_gdz += w * sdz;
+      sum_gdz_xhat += w * sdzx;
+    }
+    const float inv_m = 1.0f / float(Cg * S);
+    const float c1 = sum_gdz * inv_m, c2 = sum_gdz_xhat * inv_m;
+    for (int64_t cl = 0; cl < Cg; ++cl) {
+      const int64_t c = g * Cg + cl;
+      const int64_t off = (n * C + c) * S;
+      const float w = a.weight[c], b = a.bias[c];
+#pragma omp simd
+      for (int64_t s = 0; s < S; ++s) {
+        const float xhat = load_value(x, off + s) * rstd + shift_hat;
+        const float dz = load_value(dy, off + s) * act_grad(w * xhat + b, kAct);
+        store_value(dx, off + s, rstd * (w * dz - c1 - xhat * c2));
+      }
+    }
+  });
+  for (int64_t c = 0; c < C; ++c) {
+    float dw = 0.0f, db = 0.0f;
+    for (int64_t n = 0; n < N; ++n) {
+      dw += part_dw[n * C + c];
+      db += part_db[n * C + c];
+    }
+    a.grad_weight[c] = dw;
+    a.grad_bias[c] = db;
+  }
+}
+
+// ----------------------------------------------------------------- backward, NSC layout
+template <typename T, bool kAct>
+void backward_nsc(const GroupNormBackwardArgs& a) {
+  const int64_t N = a.batch, C = a.channels, S = a.spatial, G = a.groups, Cg = C / G;
+  const T* x = static_cast<const T*>(a.x);
+  const T* dy = static_cast<const T*>(a.grad_y);
+  T* dx = static_cast<T*>(a.grad_x);
+  const int64_t P = nsc_positions(C, S);
+  const int64_t chunks = (S + P - 1) / P;
+  // Per-(n, c) xhat coefficients: xhat = x * rs + sh.
+  std::vector<float> rs(N * C), sh(N * C);
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t c = 0; c < C; ++c) {
+      const int64_t g = c / Cg;
+      rs[n * C + c] = a.rstd[n * G + g];
+      sh[n * C + c] = -a.mean[n * G + g] * a.rstd[n * G + g];
+    }
+  std::vector<float> part_dz(N * chunks * C), part_dzx(N * chunks * C);
+  parallel_for(N * chunks, a.num_threads, [&](int64_t task) {
+    const int64_t n = task / chunks, chunk = task % chunks;
+    const int64_t s0 = chunk * P, np = std::min(P, S - s0);
+    const int64_t base = (n * S + s0) * C;
+    const float* r = rs.data() + n * C;
+    const float* h = sh.data() + n * C;
+    float* pdz = part_dz.data() + task * C;
+    float* pdzx = part_dzx.data() + task * C;
+    std::fill(pdz, pdz + C, 0.0f);
+    std::fill(pdzx, pdzx + C, 0.0f);
+    for (int64_t p = 0; p < np; ++p) {
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) {
+        const float xhat = load_value(x, base + p * C + c) * r[c] + h[c];
+        const float dz = load_value(dy, base + p * C + c) * act_grad(a.weight[c] * xhat + a.bias[c], kAct);
+        pdz[c] += dz;
+        pdzx[c] += dz * xhat;
+      }
+    }
+  });
+  // Per (n, c) totals -> dgamma, dbeta; per (n, g) the two group means of dx's formula.
+  std::vector<float> c1(N * C), c2(N * C);
+  std::vector<float> sdz(N * C), sdzx(N * C);
+  for (int64_t n = 0; n < N; ++n) {
+    for (int64_t c = 0; c < C; ++c) {
+      float t = 0.0f, tx = 0.0f;
+      for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+        t += part_dz[(n * chunks + chunk) * C + c];
+        tx += part_dzx[(n * chunks + chunk) * C + c];
+      }
+      sdz[n * C + c] = t;
+      sdzx[n * C + c] = tx;
+    }
+    const float inv_m = 1.0f / float(Cg * S);
+    for (int64_t g = 0; g < G; ++g) {
+      float t = 0.0f, tx = 0.0f;
+      for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) {
+        t += a.weight[c] * sdz[n * C + c];
+        tx += a.weight[c] * sdzx[n * C + c];
+      }
+      for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) {
+        c1[n * C + c] = t * inv_m;
+        c2[n * C + c] = tx * inv_m;
+      }
+    }
+  }
+  for (int64_t c = 0; c < C; ++c) {
+    float dw = 0.0f, db = 0.0f;
+    for (int64_t n = 0; n < N; ++n) {
+      dw += sdzx[n * C + c];
+      db += sdz[n * C + c];
+    }
+    a.grad_weight[c] = dw;
+    a.grad_bias[c] = db;
+  }
+  parallel_for(N * chunks, a.num_threads, [&](int64_t task) {
+    const int64_t n = task / chunks, chunk = task % chunks;
+    const int64_t s0 = chunk * P, np = std::min(P, S - s0);
+    const int64_t base = (n * S + s0) * C;
+    const float* r = rs.data() + n * C;
+    const float* h = sh.data() + n * C;
+    const float* k1 = c1.data() + n * C;
+    const float* k2 = c2.data() + n * C;
+    for (int64_t p = 0; p < np; ++p) {
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) {
+        const float xhat = load_value(x, base + p * C + c) * r[c] + h[c];
+        const float w = a.weight[c];
+        const float dz = load_value(dy, base + p * C + c) * act_grad(w * xhat + a.bias[c], kAct);
+        store_value(dx, base + p * C + c, r[c] * (w * dz - k1[c] - xhat * k2[c]));
+      }
+    }
+  });
+}
+
+template <typename T>
+void backward_dispatch(const GroupNormBackwardArgs& a) {
+  if (a.channels_last) {
+    a.act ? backward_nsc<T, true>(a) : backward_nsc<T, false>(a);
+  } else {
+    a.act ? backward_ncs<T, true>(a) : backward_ncs<T, false>(a);
+  }
+}
+
+}  // namespace
+
+void group_norm_silu_forward_cpu(const GroupNormArgs& args) {
+  if (args.dtype == kStoreBFloat16) {
+    args.channels_last ? forward_nsc<uint16_t>(args) : forward_ncs<uint16_t>(args);
+  } else {
+    args.channels_last ? forward_nsc<float>(args) : forward_ncs<float>(args);
+  }
+}
+
+void group_norm_silu_backward_cpu(const GroupNormBackwardArgs& args) {
+  if (args.dtype == kStoreBFloat16) {
+    backward_dispatch<uint16_t>(args);
+  } else {
+    backward_dispatch<float>(args);
+  }
+}
+
+}  // namespace fastdiff

@@ -1,0 +1,109 @@
+// Fused GroupNorm (+ affine + SiLU) on CPU, and the small vector helpers that the fused
+// CPU kernels share (bf16 <-> fp32 by bit shifts, a vectorisable exp).
+//
+// fastdiff/ops/group_norm.py validates every argument; these kernels assume valid input.
+#pragma once
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+namespace fastdiff {
+
+// Storage types the fused kernels accept; the math is always fp32.
+enum StorageType : int { kStoreFloat32 = 0, kStoreBFloat16 = 1 };
+
+struct GroupNormArgs {
+  const void* x;        // in,  (N, C, S) dense: NCS (channels-first) or NSC (channels_last)
+  const float* weight;  // in,  (C,) gamma (ones when the op has no affine)
+  const float* bias;    // in,  (C,) beta (zeros when the op has no affine)
+  void* y;              // out, same shape and layout as x
+  float* mean;          // out, (N, G) group means, saved for backward
+  float* rstd;          // out, (N, G) 1 / sqrt(var + eps), saved for backward
+  int64_t batch, channels, spatial, groups;
+  double eps;
+  bool channels_last;  // false: x[n, c, s] at (n*C + c)*S + s; true: at (n*S + s)*C + c
+  bool act;            // apply SiLU after the affine
+  int dtype;           // StorageType of x, y
+  int num_threads;
+};
+
+struct GroupNormBackwardArgs {
+  const void* grad_y;   // in,  (N, C, S), same layout as x
+  const void* x;        // in,  (N, C, S)
+  const float* weight;  // in,  (C,)
+  const float* bias;    // in,  (C,)
+  const float* mean;    // in,  (N, G)
+  const float* rstd;    // in,  (N, G)
+  void* grad_x;         // out, (N, C, S), same layout as x
+  float* grad_weight;   // out, (C,)
+  float* grad_bias;     // out, (C,)
+  int64_t batch, channels, spatial, groups;
+  bool channels_last;
+  bool act;
+  int dtype;
+  int num_threads;
+};
+
+void group_norm_silu_forward_cpu(const GroupNormArgs& args);
+void group_norm_silu_backward_cpu(const GroupNormBackwardArgs& args);
+
+// ----------------------------------------------------------------------------- helpers
+// Written as plain scalar code that GCC vectorises inside `#pragma omp simd` loops.
+
+inline float bits_to_float(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+inline uint32_t float_to_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  return u;
+}
+
+inline float load_value(const float* p, int64_t i) { return p[i]; }
+inline float load_value(const uint16_t* p, int64_t i) { return bits_to_float(uint32_t(p[i]) << 16); }
+
+// fp32 -> bf16, round to nearest even; NaN stays a (quiet) NaN.
+inline uint16_t float_to_bf16(float f) {
+  const uint32_t u = float_to_bits(f);
+  const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  return (u & 0x7FFFFFFFu) > 0x7F800000u ? uint16_t((u >> 16) | 0x40u) : uint16_t(rounded);
+}
+
+inline void store_value(float* p, int64_t i, float v) { p[i] = v; }
+inline void store_value(uint16_t* p, int64_t i, float v) { p[i] = float_to_bf16(v); }
+
+// e^x for fp32, ~1 ulp on the normal range: Cody-Waite reduction x = n ln2 + r, |r| <= ln2/2,
+// then a degree-7 Taylor polynomial of e^r (error < 4e-9 relative) scaled by 2^n through
+// the exponent bits. Inputs below -87.3 give 0, above 88.7 give +inf; NaN propagates.
+inline float exp_approx(float x) {
+  const float kLog2e = 1.44269504088896341f;
+  const float kLn2Hi = 0.693145751953125f;     // ln 2, first 16 bits (exact n * kLn2Hi)
+  const float kLn2Lo = 1.428606765330187e-06f;  // ln 2 - kLn2Hi
+  const float xc = std::fmin(std::fmax(x, -87.3f), 88.7f);
+  const float n = std::nearbyint(xc * kLog2e);
+  const float r = (xc - n * kLn2Hi) - n * kLn2Lo;
+  float p = 1.0f / 5040.0f;
+  p = p * r + 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  // 2^n for n in [-126, 128): split so that both factors are normal floats.
+  const int32_t ni = int32_t(n);
+  const int32_t half = ni >> 1;
+  const float s1 = bits_to_float(uint32_t(half + 127) << 23);
+  const float s2 = bits_to_float(uint32_t(ni - half + 127) << 23);
+  float result = p * s1 * s2;
+  result = x < -87.3f ? 0.0f : result;
+  result = x > 88.7f ? INFINITY : result;
+  return x != x ? x : result;
+}
+
+inline float sigmoid_approx(float z) { return 1.0f / (1.0f + exp_approx(-z)); }
+
+}  // namespace fastdiff

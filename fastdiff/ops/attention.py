@@ -1,0 +1,163 @@
+"""`fastdiff.ops.attention`: softmax(scale * q k^T) v, flash-style, forward and backward.
+
+Shapes (B, H, L, D): q (B, H, Lq, D), k and v (B, H, Lk, D), out (B, H, Lq, D);
+scale defaults to 1/sqrt(D). The native CPU kernel (csrc/cpu/attention.cpp) never forms
+the Lq x Lk matrix: it walks key blocks with an online softmax and saves only the
+log-sum-exp per query row, from which the backward recomputes the probabilities.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+
+from fastdiff.ops import _backend
+
+_NATIVE_DTYPES = {torch.float32: 0, torch.bfloat16: 1}  # csrc StorageType
+MIN_HEAD_DIM, MAX_HEAD_DIM = 8, 256
+
+
+# --------------------------------------------------------------------------- checks
+def _check_attention_inputs(q, k, v, scale) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must have shape (B, H, L, D) (rank 4), got shape {tuple(t.shape)}")
+        if t.numel() == 0:
+            raise ValueError(f"{name} must not be empty, got shape {tuple(t.shape)}")
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name} dtype {t.dtype} does not match q dtype {q.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
+    if k.shape != v.shape:
+        raise ValueError(f"k shape {tuple(k.shape)} must equal v shape {tuple(v.shape)}")
+    if q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
+        raise ValueError(f"q shape {tuple(q.shape)} and k shape {tuple(k.shape)} must agree in B, H and D "
+                         "(only the lengths may differ)")
+    head_dim = q.shape[3]
+    if not MIN_HEAD_DIM <= head_dim <= MAX_HEAD_DIM:
+        raise ValueError(f"head dim D={head_dim} (q.shape[3]) must be in [{MIN_HEAD_DIM}, {MAX_HEAD_DIM}]")
+    if scale is not None:
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+            raise ValueError(f"scale must be a finite float or None, got {scale!r}")
+
+
+# --------------------------------------------------------------------------- reference
+def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        scale: Optional[float] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Pure-torch ground truth (forms the full score matrix); returns (out, lse) in q's dtype."""
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    lse = torch.logsumexp(scores, dim=-1)
+    probs = torch.exp(scores - lse.unsqueeze(-1))
+    return torch.matmul(probs, v), lse
+
+
+# --------------------------------------------------------------------------- native
+def _strides(t: torch.Tensor):
+    """(batch, head, position) strides of a (B, H, L, D) tensor with a dense head dim."""
+    return [int(s) for s in t.stride()[:3]]
+
+
+def _dense_head_dim(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(3) == 1 or t.shape[3] == 1 else t.contiguous()
+
+
+def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _use_native(q: torch.Tensor) -> bool:
+    return _backend.resolve(q.device, "attention") == "native" and q.dtype in _NATIVE_DTYPES
+
+
+# --------------------------------------------------------------------------- forward op
+@torch.library.custom_op("fastdiff::attention_fwd", mutates_args=())
+def _attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                   scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Returns out (B, H, Lq, D) contiguous and lse (B, H, Lq) (fp32; float64 for float64 q)."""
+    if not _use_native(q):
+        out, lse = attention_reference(q, k, v, scale)
+        return out.contiguous(), lse.to(_stats_dtype(q.dtype)).contiguous()
+    q, k, v = _dense_head_dim(q), _dense_head_dim(k), _dense_head_dim(v)
+    b, h, lq, d = q.shape
+    out = torch.empty((b, h, lq, d), dtype=q.dtype)
+    lse = torch.empty((b, h, lq), dtype=torch.float32)
+    _backend.native_lib.attention_forward(
+        q=q.data_ptr(), k=k.data_ptr(), v=v.data_ptr(), out=out.data_ptr(), lse=lse.data_ptr(), batch=b,
+        heads=h, len_q=lq, len_k=k.shape[2], head_dim=d, q_stride=_strides(q), k_stride=_strides(k),
+        v_stride=_strides(v), scale=scale, dtype=_NATIVE_DTYPES[q.dtype], num_threads=torch.get_num_threads())
+    return out, lse
+
+
+@_attention_fwd.register_fake
+def _(q, k, v, scale):
+    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=_stats_dtype(q.dtype))
+
+
+# --------------------------------------------------------------------------- backward op
+@torch.library.custom_op("fastdiff::attention_bwd", mutates_args=())
+def _attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                   out: torch.Tensor, lse: torch.Tensor, scale: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (grad_q, grad_k, grad_v), contiguous, in q's dtype."""
+    if not _use_native(q):
+        with torch.enable_grad():
+            qr, kr, vr = (t.detach().requires_grad_(True) for t in (q, k, v))
+            ref, _ = attention_reference(qr, kr, vr, scale)
+            grads = torch.autograd.grad(ref, (qr, kr, vr), grad_out)
+        return tuple(g.contiguous() for g in grads)
+    grad_out = _dense_head_dim(grad_out.to(q.dtype))
+    q, k, v = _dense_head_dim(q), _dense_head_dim(k), _dense_head_dim(v)
+    out = out.contiguous()
+    b, h, lq, d = q.shape
+    grad_q = torch.empty(q.shape, dtype=q.dtype)
+    grad_k = torch.empty(k.shape, dtype=q.dtype)
+    grad_v = torch.empty(v.shape, dtype=q.dtype)
+    _backend.native_lib.attention_backward(
+        grad_out=grad_out.data_ptr(), q=q.data_ptr(), k=k.data_ptr(), v=v.data_ptr(), out=out.data_ptr(),
+        lse=lse.contiguous().data_ptr(), grad_q=grad_q.data_ptr(), grad_k=grad_k.data_ptr(),
+        grad_v=grad_v.data_ptr(), batch=b, heads=h, len_q=lq, len_k=k.shape[2], head_dim=d,
+        grad_out_stride=_strides(grad_out), q_stride=_strides(q), k_stride=_strides(k), v_stride=_strides(v),
+        scale=scale, dtype=_NATIVE_DTYPES[q.dtype], num_threads=torch.get_num_threads())
+    return grad_q, grad_k, grad_v
+
+
+@_attention_bwd.register_fake
+def _(grad_out, q, k, v, out, lse, scale):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.scale = scale
+
+
+def _backward(ctx, grad_out, grad_lse):
+    q, k, v, out, lse = ctx.saved_tensors
+    grad_q, grad_k, grad_v = _attention_bwd(grad_out, q, k, v, out, lse, ctx.scale)
+    return grad_q, grad_k, grad_v, None
+
+
+_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------- public API
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float] = None) -> torch.Tensor:
+    """softmax(scale * q k^T) v over the last two dims; q (B, H, Lq, D), k, v (B, H, Lk, D).
+
+    Native kernel for fp32 and bf16 CPU tensors (8 <= D <= 256); other dtypes and devices
+    run the pure-torch reference. Any strides; the kernel reads a dense head dim in place.
+    """
+    _check_attention_inputs(q, k, v, scale)
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    out, _ = _attention_fwd(q, k, v, float(scale))
+    return out

@@ -1,0 +1,223 @@
+"""`fastdiff.ops.group_norm_silu`: GroupNorm, its affine and SiLU in one fused op.
+
+    y = silu(weight_c * (x - mean_ng) / sqrt(var_ng + eps) + bias_c)     (act=True)
+
+Statistics per (sample n, group g) over the group's C/G channels and all spatial
+positions (biased variance, as torch.nn.GroupNorm). The native CPU kernel
+(csrc/cpu/group_norm_silu.cpp) reads x once for the statistics, once for the output, and
+its backward recomputes the normalised values from x and the saved (mean, rstd).
+
+Layout: the op sees x as (N, C, S), S the product of the spatial sizes; it accepts NCS
+dense input (torch's contiguous NCHW) and NSC dense input (channels_last) as they are,
+and returns y in the same layout. Other strides are made contiguous first.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from fastdiff.ops import _backend
+
+_NATIVE_DTYPES = {torch.float32: 0, torch.bfloat16: 1}  # csrc StorageType
+
+
+# --------------------------------------------------------------------------- checks
+def _check_group_norm_inputs(x, num_groups, weight, bias, eps) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"x must be a floating-point tensor, got dtype {x.dtype}")
+    if x.dim() < 2:
+        raise ValueError(f"x must have shape (N, C, *spatial) with rank >= 2, got shape {tuple(x.shape)}")
+    if x.numel() == 0:
+        raise ValueError(f"x must not be empty, got shape {tuple(x.shape)}")
+    if isinstance(num_groups, bool) or not isinstance(num_groups, int):
+        raise TypeError(f"num_groups must be an int, got {type(num_groups).__name__} ({num_groups!r})")
+    channels = x.shape[1]
+    if num_groups < 1 or channels % num_groups != 0:
+        raise ValueError(f"num_groups must be a positive divisor of the channel count C={channels}, "
+                         f"got {num_groups}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0.0:
+        raise ValueError(f"eps must be a non-negative float, got {eps!r}")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
+        if tuple(t.shape) != (channels,):
+            raise ValueError(f"{name} must have shape ({channels},) (one per channel), got {tuple(t.shape)}")
+        if t.dtype not in (x.dtype, torch.float32):
+            raise TypeError(f"{name} dtype must be x's dtype ({x.dtype}) or torch.float32, got {t.dtype}")
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+
+
+# --------------------------------------------------------------------------- reference
+def group_norm_silu_reference(x: torch.Tensor, num_groups: int, weight: Optional[torch.Tensor] = None,
+                              bias: Optional[torch.Tensor] = None, eps: float = 1e-5,
+                              act: bool = True) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Pure-torch ground truth; returns (y, mean, rstd), computed in x's dtype (float64 ok)."""
+    n, c = x.shape[0], x.shape[1]
+    xg = x.reshape(n, num_groups, -1)
+    mean = xg.mean(dim=-1)
+    var = (xg - mean.unsqueeze(-1)).square().mean(dim=-1)
+    rstd = torch.rsqrt(var + eps)
+    xhat = ((xg - mean.unsqueeze(-1)) * rstd.unsqueeze(-1)).reshape(x.shape)
+    shape = (1, c) + (1,) * (x.dim() - 2)
+    z = xhat
+    if weight is not None:
+        z = z * weight.to(x.dtype).reshape(shape)
+    if bias is not None:
+        z = z + bias.to(x.dtype).reshape(shape)
+    y = z * torch.sigmoid(z) if act else z
+    return y, mean, rstd
+
+
+# --------------------------------------------------------------------------- layout
+def _layout(x3: torch.Tensor) -> Optional[bool]:
+    """For a (N, C, S) tensor: False if NCS-dense, True if NSC-dense, None otherwise."""
+    if x3.is_contiguous():
+        return False
+    if x3.transpose(1, 2).is_contiguous():
+        return True
+    return None
+
+
+def _empty_in_layout(x3: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    if _layout(x3):
+        return torch.empty((x3.shape[0], x3.shape[2], x3.shape[1]), dtype=dtype, device=x3.device).transpose(1, 2)
+    return torch.empty(x3.shape, dtype=dtype, device=x3.device)
+
+
+def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _affine(t: Optional[torch.Tensor], channels: int, fill: float, like: torch.Tensor,
+            dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """weight or bias as a dense (C,) tensor of `dtype`; `fill` stands in for None."""
+    if t is None:
+        return torch.full((channels,), fill, dtype=dtype, device=like.device)
+    return t.detach().to(dtype).contiguous()
+
+
+def _use_native(x3: torch.Tensor) -> bool:
+    backend = _backend.resolve(x3.device, "group_norm_silu")
+    return backend == "native" and x3.dtype in _NATIVE_DTYPES
+
+
+# --------------------------------------------------------------------------- forward op
+@torch.library.custom_op("fastdiff::group_norm_silu_fwd", mutates_args=())
+def _group_norm_silu_fwd(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                         num_groups: int, eps: float, act: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x: (N, C, S), NCS- or NSC-dense. Returns y (x's layout), mean and rstd (N, G)."""
+    n, c, s = x.shape
+    if not _use_native(x):
+        y, mean, rstd = group_norm_silu_reference(x, num_groups, weight, bias, eps, act)
+        out = _empty_in_layout(x, x.dtype)
+        out.copy_(y)
+        return out, mean.to(_stats_dtype(x.dtype)).contiguous(), rstd.to(_stats_dtype(x.dtype)).contiguous()
+    y = _empty_in_layout(x, x.dtype)
+    mean = torch.empty((n, num_groups), dtype=torch.float32)
+    rstd = torch.empty((n, num_groups), dtype=torch.float32)
+    w = _affine(weight, c, 1.0, x)
+    b = _affine(bias, c, 0.0, x)
+    _backend.native_lib.group_norm_silu_forward(
+        x=x.data_ptr(), weight=w.data_ptr(), bias=b.data_ptr(), y=y.data_ptr(), mean=mean.data_ptr(),
+        rstd=rstd.data_ptr(), batch=n, channels=c, spatial=s, groups=num_groups, eps=float(eps),
+        channels_last=bool(_layout(x)), act=act, dtype=_NATIVE_DTYPES[x.dtype],
+        num_threads=torch.get_num_threads())
+    return y, mean, rstd
+
+
+@_group_norm_silu_fwd.register_fake
+def _(x, weight, bias, num_groups, eps, act):
+    n = x.shape[0]
+    stats = _stats_dtype(x.dtype)
+    return (_empty_in_layout(x, x.dtype), x.new_empty((n, num_groups), dtype=stats),
+            x.new_empty((n, num_groups), dtype=stats))
+
+
+# --------------------------------------------------------------------------- backward op
+@torch.library.custom_op("fastdiff::group_norm_silu_bwd", mutates_args=())
+def _group_norm_silu_bwd(grad_y: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor],
+                         bias: Optional[torch.Tensor], mean: torch.Tensor, rstd: torch.Tensor, num_groups: int,
+                         eps: float, act: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (grad_x in x's layout, grad_weight (C,), grad_bias (C,)), the latter two in fp32
+    (float64 for float64 x) whether or not the op has an affine."""
+    n, c, s = x.shape
+    if not _use_native(x):
+        # Reference: autograd of the reference forward (recomputes the statistics).
+        with torch.enable_grad():
+            xr = x.detach().requires_grad_(True)
+            wr = _affine(weight, c, 1.0, x, _stats_dtype(x.dtype)).requires_grad_(True)
+            br = _affine(bias, c, 0.0, x, _stats_dtype(x.dtype)).requires_grad_(True)
+            y, _, _ = group_norm_silu_reference(xr, num_groups, wr, br, eps, act)
+            gx, gw, gb = torch.autograd.grad(y, (xr, wr, br), grad_y)
+        out = _empty_in_layout(x, x.dtype)
+        out.copy_(gx)
+        return out, gw.contiguous(), gb.contiguous()
+    if _layout(grad_y) != _layout(x) or grad_y.dtype != x.dtype:
+        grad_y = grad_y.to(x.dtype).transpose(1, 2).contiguous().transpose(1, 2) if _layout(x) else \
+            grad_y.to(x.dtype).contiguous()
+    grad_x = _empty_in_layout(x, x.dtype)
+    grad_w = torch.empty((c,), dtype=torch.float32)
+    grad_b = torch.empty((c,), dtype=torch.float32)
+    w = _affine(weight, c, 1.0, x)
+    b = _affine(bias, c, 0.0, x)
+    _backend.native_lib.group_norm_silu_backward(
+        grad_y=grad_y.data_ptr(), x=x.data_ptr(), weight=w.data_ptr(), bias=b.data_ptr(),
+        mean=mean.data_ptr(), rstd=rstd.data_ptr(), grad_x=grad_x.data_ptr(), grad_weight=grad_w.data_ptr(),
+        grad_bias=grad_b.data_ptr(), batch=n, channels=c, spatial=s, groups=num_groups,
+        channels_last=bool(_layout(x)), act=act, dtype=_NATIVE_DTYPES[x.dtype],
+        num_threads=torch.get_num_threads())
+    return grad_x, grad_w, grad_b
+
+
+@_group_norm_silu_bwd.register_fake
+def _(grad_y, x, weight, bias, mean, rstd, num_groups, eps, act):
+    c = x.shape[1]
+    stats = _stats_dtype(x.dtype)
+    return _empty_in_layout(x, x.dtype), x.new_empty((c,), dtype=stats), x.new_empty((c,), dtype=stats)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, num_groups, eps, act = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(x, weight, bias, mean, rstd)
+    ctx.num_groups, ctx.eps, ctx.act = num_groups, eps, act
+
+
+def _backward(ctx, grad_y, grad_mean, grad_rstd):
+    x, weight, bias, mean, rstd = ctx.saved_tensors
+    grad_x, grad_w, grad_b = _group_norm_silu_bwd(grad_y, x, weight, bias, mean, rstd, ctx.num_groups,
+                                                  ctx.eps, ctx.act)
+    grad_w = grad_w.to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
+    grad_b = grad_b.to(bias.dtype) if bias is not None and ctx.needs_input_grad[2] else None
+    return grad_x, grad_w, grad_b, None, None, None
+
+
+_group_norm_silu_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------- public API
+def group_norm_silu(x: torch.Tensor, num_groups: int, weight: Optional[torch.Tensor] = None,
+                    bias: Optional[torch.Tensor] = None, eps: float = 1e-5, act: bool = True) -> torch.Tensor:
+    """silu(group_norm(x, num_groups, weight, bias, eps)), or without the SiLU if act=False.
+
+    x: (N, C, *spatial) — (N, C), (N, C, L), (N, C, H, W), ... — contiguous or
+    channels_last; y keeps x's layout and dtype. Native kernel for fp32 and bf16 CPU
+    tensors; other dtypes and devices run the pure-torch reference.
+    """
+    _check_group_norm_inputs(x, num_groups, weight, bias, eps)
+    if x.dim() == 2:
+        x3 = x.unsqueeze(-1)
+    else:
+        x3 = x.flatten(2)  # a view for NCHW and channels_last (their spatial dims collapse)
+    if _layout(x3) is None:
+        x3 = x3.contiguous()
+    y3, _, _ = _group_norm_silu_fwd(x3, weight, bias, num_groups, float(eps), bool(act))
+    if x.dim() == 2:
+        return y3.squeeze(-1)
+    return y3.view(x.shape)
