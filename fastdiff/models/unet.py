@@ -1,0 +1,276 @@
+"""The DDPM U-Net (Ho et al. 2020, Appendix B) with the improved-DDPM options
+(Nichol & Dhariwal 2021): learned variance, multi-head attention, scale-shift norm and
+class labels (with a "no label" row for classifier-free guidance).
+
+Norm+SiLU and attention go through `fastdiff.nn.GroupNormSiLU` / `fastdiff.nn.SelfAttention2d`,
+the fused-kernel modules; until fastdiff/nn.py is importable, small pure-torch equivalents
+with the same constructor signatures and parameter names stand in for them.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+try:
+    from fastdiff.nn import GroupNormSiLU, SelfAttention2d
+except ImportError:  # fastdiff/nn.py not there yet: same signatures, pure torch
+    class GroupNormSiLU(nn.GroupNorm):
+        """GroupNorm (affine) followed by SiLU when `act`."""
+
+        def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5, affine: bool = True,
+                     act: bool = True):
+            super().__init__(num_groups, num_channels, eps=eps, affine=affine)
+            self.act = act
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = super().forward(x)
+            return F.silu(y) if self.act else y
+
+    class SelfAttention2d(nn.Module):
+        """The DDPM attention block: x + proj(attention(qkv(norm(x)))) over the H*W tokens."""
+
+        def __init__(self, channels: int, num_heads: int = 1, num_groups: int = 32,
+                     head_dim: Optional[int] = None):
+            super().__init__()
+            if head_dim is not None:
+                if channels % head_dim:
+                    raise ValueError(f"channels={channels} must be a multiple of head_dim={head_dim}")
+                num_heads = channels // head_dim
+            if channels % num_heads:
+                raise ValueError(f"channels={channels} must be a multiple of num_heads={num_heads}")
+            self.channels, self.num_heads = channels, num_heads
+            self.norm = GroupNormSiLU(num_groups, channels, act=False)
+            self.qkv = nn.Conv2d(channels, 3 * channels, 1)
+            self.proj = nn.Conv2d(channels, channels, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            b, c, h, w = x.shape
+            qkv = self.qkv(self.norm(x)).reshape(b, 3, self.num_heads, c // self.num_heads, h * w)
+            q, k, v = (qkv[:, i].transpose(-1, -2) for i in range(3))  # (B, heads, HW, head_dim)
+            out = F.scaled_dot_product_attention(q, k, v)
+            out = out.transpose(-1, -2).reshape(b, c, h, w)
+            return x + self.proj(out)
+
+
+PRESETS: Dict[str, Dict[str, Any]] = {
+    # Ho et al. 2020, CIFAR-10: 35.7M parameters.
+    "ddpm-cifar10": dict(image_size=32, in_channels=3, model_channels=128, channel_mult=(1, 2, 2, 2),
+                         num_res_blocks=2, attention_resolutions=(16,), dropout=0.1),
+    # A few hundred thousand parameters: tests and quick CPU runs.
+    "tiny": dict(image_size=32, in_channels=3, model_channels=16, channel_mult=(1, 2, 2),
+                 num_res_blocks=1, attention_resolutions=(8,), dropout=0.0, num_groups=8),
+    # A couple of million parameters: the CPU demo.
+    "small": dict(image_size=32, in_channels=3, model_channels=64, channel_mult=(1, 2, 2),
+                  num_res_blocks=2, attention_resolutions=(8,), dropout=0.1, num_groups=16),
+}
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Eq. 99 (Vaswani et al.): sin(t / 10000^(2i/d)) and cos(...) for i < d/2, laid out as
+    [all sines, all cosines] (a fixed permutation of the interleaved layout, which the
+    following Linear absorbs). t: (B,) timesteps -> (B, dim) float32."""
+    half = dim // 2
+    freqs = torch.exp(torch.arange(half, dtype=torch.float32, device=t.device) * (-math.log(max_period) / half))
+    args = t.float()[:, None] * freqs[None]
+    emb = torch.cat([torch.sin(args), torch.cos(args)], dim=1)
+    if dim % 2:
+        emb = F.pad(emb, (0, 1))
+    return emb
+
+
+def _zero_init(module: nn.Module) -> nn.Module:
+    for p in module.parameters():
+        nn.init.zeros_(p)
+    return module
+
+
+class ResBlock(nn.Module):
+    """Wide-ResNet block with time-embedding injection (Ho et al.; scale-shift norm from
+    Nichol & Dhariwal: the embedding sets (scale, shift) of the second norm, before SiLU)."""
+
+    def __init__(self, in_ch: int, out_ch: int, emb_ch: int, dropout: float, num_groups: int,
+                 use_scale_shift_norm: bool = False):
+        super().__init__()
+        self.use_scale_shift_norm = use_scale_shift_norm
+        self.norm1 = GroupNormSiLU(num_groups, in_ch)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.emb_proj = nn.Linear(emb_ch, 2 * out_ch if use_scale_shift_norm else out_ch)
+        self.norm2 = GroupNormSiLU(num_groups, out_ch, act=not use_scale_shift_norm)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = _zero_init(nn.Conv2d(out_ch, out_ch, 3, padding=1))
+        self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(self.norm1(x))
+        e = self.emb_proj(F.silu(emb))[:, :, None, None].to(h.dtype)
+        if self.use_scale_shift_norm:
+            scale, shift = e.chunk(2, dim=1)
+            h = F.silu(self.norm2(h) * (1 + scale) + shift)
+        else:
+            h = self.norm2(h + e)
+        h = self.conv2(self.dropout(h))
+        return self.skip(x) + h
+
+
+class Downsample(nn.Module):
+    def __init__(self, ch: int):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    def __init__(self, ch: int):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class _Level(nn.Module):
+    """One res block, optionally followed by self-attention."""
+
+    def __init__(self, res: ResBlock, attn: Optional[nn.Module]):
+        super().__init__()
+        self.res = res
+        self.attn = attn
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        x = self.res(x, emb)
+        return self.attn(x) if self.attn is not None else x
+
+
+class UNet(nn.Module):
+    """The DDPM U-Net: model(x_t, t, y=None) -> eps / x0 / v prediction (and the variance
+    channels for a learned variance: 2C outputs, mean first).
+
+    image_size, in_channels: the data (sample_shape = (in_channels, image_size, image_size)).
+    model_channels, channel_mult: width of level i is model_channels * channel_mult[i].
+    num_res_blocks: per encoder level (the decoder has one more, as Ho et al.).
+    attention_resolutions: feature-map sizes (e.g. 16) at which self-attention follows each block.
+    num_heads / num_head_channels: attention heads (num_head_channels, when given, wins).
+    use_scale_shift_norm: Nichol & Dhariwal's FiLM-style conditioning of the second norm.
+    num_classes: class-conditional; y=None or y == num_classes means "no label".
+    learn_sigma / diffusion: 2C output channels when learn_sigma or diffusion.learned_variance;
+        `diffusion` (a GaussianDiffusion) is carried for fastdiff.sample.
+    """
+
+    def __init__(self, image_size: int = 32, in_channels: int = 3, model_channels: int = 128,
+                 channel_mult: Sequence[int] = (1, 2, 2, 2), num_res_blocks: int = 2,
+                 attention_resolutions: Sequence[int] = (16,), dropout: float = 0.1, num_heads: int = 1,
+                 num_head_channels: Optional[int] = None, use_scale_shift_norm: bool = False,
+                 num_classes: Optional[int] = None, learn_sigma: bool = False, num_groups: int = 32,
+                 out_channels: Optional[int] = None, diffusion=None):
+        super().__init__()
+        if diffusion is not None and not hasattr(diffusion, "output_channels"):
+            raise TypeError(f"diffusion must be a fastdiff.GaussianDiffusion, got {type(diffusion).__name__}")
+        if diffusion is not None and diffusion.learned_variance:
+            learn_sigma = True
+        if out_channels is None:
+            out_channels = 2 * in_channels if learn_sigma else in_channels
+        if image_size % (2 ** (len(channel_mult) - 1)):
+            raise ValueError(f"image_size={image_size} must be divisible by 2**(len(channel_mult)-1)="
+                             f"{2 ** (len(channel_mult) - 1)}")
+        for m in channel_mult:
+            if (model_channels * m) % num_groups:
+                raise ValueError(f"num_groups={num_groups} must divide every width model_channels*mult "
+                                 f"(got {model_channels * m})")
+        self.config = dict(image_size=image_size, in_channels=in_channels, model_channels=model_channels,
+                           channel_mult=tuple(channel_mult), num_res_blocks=num_res_blocks,
+                           attention_resolutions=tuple(attention_resolutions), dropout=dropout,
+                           num_heads=num_heads, num_head_channels=num_head_channels,
+                           use_scale_shift_norm=use_scale_shift_norm, num_classes=num_classes,
+                           learn_sigma=learn_sigma, num_groups=num_groups, out_channels=out_channels)
+        self.sample_shape: Tuple[int, int, int] = (in_channels, image_size, image_size)
+        self.diffusion = diffusion
+        self.num_classes = num_classes
+        self.out_channels = out_channels
+        self.model_channels = model_channels
+        emb_ch = 4 * model_channels
+
+        def attention(ch: int) -> nn.Module:
+            attn = SelfAttention2d(ch, num_heads=num_heads, num_groups=num_groups, head_dim=num_head_channels)
+            proj = getattr(attn, "proj", None)
+            if isinstance(proj, nn.Module):
+                _zero_init(proj)  # Ho et al.: the block starts as the identity
+            return attn
+
+        def res(i: int, o: int) -> ResBlock:
+            return ResBlock(i, o, emb_ch, dropout, num_groups, use_scale_shift_norm)
+
+        self.time_embed = nn.Sequential(nn.Linear(model_channels, emb_ch), nn.SiLU(), nn.Linear(emb_ch, emb_ch))
+        self.label_embed = nn.Embedding(num_classes + 1, emb_ch) if num_classes is not None else None
+        self.conv_in = nn.Conv2d(in_channels, model_channels, 3, padding=1)
+
+        # Encoder: remember the width of every output that the decoder will concatenate.
+        self.down = nn.ModuleList()
+        skip_chs = [model_channels]
+        ch, size = model_channels, image_size
+        for level, mult in enumerate(channel_mult):
+            for _ in range(num_res_blocks):
+                out = model_channels * mult
+                self.down.append(_Level(res(ch, out), attention(out) if size in attention_resolutions else None))
+                ch = out
+                skip_chs.append(ch)
+            if level != len(channel_mult) - 1:
+                self.down.append(Downsample(ch))
+                skip_chs.append(ch)
+                size //= 2
+        self.mid = _Level(res(ch, ch), attention(ch))
+        self.mid2 = res(ch, ch)
+        self.up = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(channel_mult))):
+            for i in range(num_res_blocks + 1):
+                out = model_channels * mult
+                self.up.append(_Level(res(ch + skip_chs.pop(), out),
+                                      attention(out) if size in attention_resolutions else None))
+                ch = out
+            if level != 0:
+                self.up.append(Upsample(ch))
+                size *= 2
+        self.norm_out = GroupNormSiLU(num_groups, ch)
+        self.conv_out = _zero_init(nn.Conv2d(ch, out_channels, 3, padding=1))
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "UNet":
+        """A named configuration ("ddpm-cifar10", "tiny", "small"); keyword arguments override it."""
+        if name not in PRESETS:
+            raise ValueError(f"preset must be one of {tuple(PRESETS)}, got {name!r}")
+        return cls(**{**PRESETS[name], **overrides})
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
+        emb = self.time_embed(timestep_embedding(t, self.model_channels).to(self.conv_in.weight.dtype))
+        if self.label_embed is not None:
+            if y is None:
+                y = torch.full((x.shape[0],), self.num_classes, dtype=torch.long, device=x.device)
+            emb = emb + self.label_embed(y)
+        elif y is not None:
+            raise ValueError("y given to a UNet built without num_classes")
+        h = self.conv_in(x)
+        skips = [h]
+        for block in self.down:
+            h = block(h, emb) if isinstance(block, _Level) else block(h)
+            skips.append(h)
+        h = self.mid2(self.mid(h, emb), emb)
+        for block in self.up:
+            if isinstance(block, _Level):
+                h = block(torch.cat([h, skips.pop()], dim=1), emb)
+            else:
+                h = block(h)
+        return self.conv_out(self.norm_out(h))
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def compile(model: nn.Module, **kwargs) -> nn.Module:  # noqa: A001 - fastdiff.compile, by design
+    """torch.compile(model, **kwargs): the fused ops are opaque custom ops, so the U-Net
+    compiles without graph breaks (fullgraph=True works)."""
+    return torch.compile(model, **kwargs)
