@@ -47,7 +47,7 @@ def _log_normal_interval(lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
     b = torch.where(flip, -lo, hi)
     log_b = torch.special.log_ndtr(b)
     log_a = torch.special.log_ndtr(a)
-    return log_b + torch.log(-torch.expm1((log_a - log_b).clamp(max=0.0)).clamp(min=1e-300))
+    return log_b + torch.log((-torch.expm1((log_a - log_b).clamp(max=0.0))).clamp(min=1e-300))
 
 
 def discretized_gaussian_log_likelihood(x: torch.Tensor, mean: torch.Tensor, log_scale: torch.Tensor,
