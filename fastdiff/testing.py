@@ -203,6 +203,6 @@ class FiniteImageSet:
         return (self.posterior(x_t, alpha_cumprod) @ self._flat).reshape(x_t.shape)
 
     def nearest(self, x: torch.Tensor) -> torch.Tensor:
-        """Index of the closest image for each x and the distance to it."""
+        """(distance to the closest image, its index) for each x."""
         d = torch.cdist(x.reshape(x.shape[0], -1).double(), self._flat)
         return d.min(dim=1)
