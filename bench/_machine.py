@@ -1,0 +1,64 @@
+"""The machine's limits, measured once per session, for "fraction of the limit" figures."""
+from __future__ import annotations
+
+import functools
+import time
+
+import torch
+
+
+def _median_time(fn, repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    times.sort()
+    return times[len(times) // 2]
+
+
+@functools.lru_cache(maxsize=None)
+def memory_bandwidth_gbs(device: str = "cpu") -> float:
+    """Bytes moved per second by a large tensor copy (read + write), all threads: the
+    practical ceiling for a memory-bound kernel."""
+    n = 64 * 2**20 // 4 if device == "cpu" else 1024 * 2**20 // 4  # 64 MiB on the CPU: past L3
+    src = torch.randn(n, device=device)
+    dst = torch.empty_like(src)
+
+    def copy():
+        dst.copy_(src)
+        if device != "cpu":
+            torch.cuda.synchronize()
+
+    return 2 * src.numel() * src.element_size() / _median_time(copy, 15) / 1e9
+
+
+@functools.lru_cache(maxsize=None)
+def matmul_gflops(device: str = "cpu", dtype: torch.dtype = torch.float32) -> float:
+    """fp32 (or `dtype`) GEMM throughput at a size where BLAS is at its best."""
+    n = 1024 if device == "cpu" else 8192
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+
+    def mm():
+        torch.mm(a, b)
+        if device != "cpu":
+            torch.cuda.synchronize()
+
+    return 2 * n ** 3 / _median_time(mm, 5) / 1e9
+
+
+def describe() -> str:
+    import platform
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}"
