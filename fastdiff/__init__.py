@@ -7,6 +7,7 @@ import torch  # noqa: F401  (before the extension: one OpenMP runtime, torch's)
 
 from fastdiff import ops  # noqa: E402
 from fastdiff.diffusion import GaussianDiffusion  # noqa: E402
+from fastdiff.models import UNet, compile  # noqa: E402,A004  (fastdiff.compile = torch.compile)
 from fastdiff.sampling import sample, space_timesteps  # noqa: E402
 from fastdiff.schedule import NoiseSchedule  # noqa: E402
 
