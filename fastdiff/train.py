@@ -40,8 +40,8 @@ from fastdiff.schedule import NoiseSchedule
 CHECKPOINT_JSON = "checkpoint.json"
 FORMAT = "fastdiff-checkpoint-1"
 # Fields of a resumed run that may differ from the checkpoint's config.
-RESUMABLE_OVERRIDES = ("steps", "out", "resume", "save_every", "sample_every", "progress", "max_minutes",
-                       "max_nonfinite", "keep_checkpoints", "log_every")
+RESUMABLE_OVERRIDES = ("steps", "out", "resume", "save_every", "sample_every", "sample_at_end", "progress",
+                       "max_minutes", "max_nonfinite", "keep_checkpoints", "log_every")
 
 
 @dataclass
@@ -78,6 +78,7 @@ class TrainConfig:
     # bookkeeping
     save_every: int = 500
     sample_every: int = 0                # 0: only at the end
+    sample_at_end: bool = True
     sample_n: int = 16
     sample_steps: int = 50
     log_every: int = 10
@@ -175,11 +176,12 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _save_hook(path: Path) -> None:
+def _save_hook(path: Path, tag: str) -> None:
     """Test hook: FASTDIFF_TEST_SAVE_HOOK=sleep:SECONDS|raise, fired between writing the
-    temp file and the rename, for files whose name contains FASTDIFF_TEST_SAVE_HOOK_MATCH."""
+    temp file and the rename, when "<file name>@<tag>" ends with FASTDIFF_TEST_SAVE_HOOK_MATCH
+    (the tag of a checkpoint file is its step)."""
     hook = os.environ.get("FASTDIFF_TEST_SAVE_HOOK")
-    if not hook or os.environ.get("FASTDIFF_TEST_SAVE_HOOK_MATCH", "") not in path.name:
+    if not hook or not f"{path.name}@{tag}".endswith(os.environ.get("FASTDIFF_TEST_SAVE_HOOK_MATCH", "")):
         return
     if hook.startswith("sleep"):
         print(f"[save hook] sleeping before renaming {path.name}", file=sys.stderr, flush=True)
@@ -188,7 +190,7 @@ def _save_hook(path: Path) -> None:
         raise RuntimeError(f"save hook: simulated failure while saving {path.name}")
 
 
-def atomic_write_bytes(path, data: bytes) -> None:
+def atomic_write_bytes(path, data: bytes, tag: str = "") -> None:
     """Write `data` to `path` so that readers see the old file or the new one, never a mix."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=str(path.parent), prefix=f".{path.name}.", suffix=".tmp")
@@ -198,7 +200,7 @@ def atomic_write_bytes(path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        _save_hook(path)
+        _save_hook(path, tag)
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -271,7 +273,8 @@ def save_checkpoint(out: Path, step: int, config: TrainConfig, model: UNet, ema:
     opt_tensors, opt_meta = _flatten_optimizer(opt)
     tensors.update(opt_tensors)
     weights_name = f"ckpt-{step:08d}.safetensors"
-    atomic_write_bytes(out / weights_name, st_save(tensors, metadata={"format": FORMAT, "step": str(step)}))
+    atomic_write_bytes(out / weights_name, st_save(tensors, metadata={"format": FORMAT, "step": str(step)}),
+                       tag=str(step))
     ts_state = {k: v.tolist() for k, v in diffusion.t_sampler.state_dict().items()}
     record = {
         "format": FORMAT,
@@ -289,7 +292,7 @@ def save_checkpoint(out: Path, step: int, config: TrainConfig, model: UNet, ema:
         **(extra or {}),
     }
     previous = read_checkpoint_record(out, missing_ok=True)
-    atomic_write_bytes(out / CHECKPOINT_JSON, json.dumps(record, indent=1).encode())
+    atomic_write_bytes(out / CHECKPOINT_JSON, json.dumps(record, indent=1).encode(), tag=str(step))
     # The new record is committed: weights no record names can go (keep the last few).
     keep = {weights_name} | ({previous["weights"]} if previous else set())
     olds = sorted(out.glob("ckpt-*.safetensors"))
@@ -599,7 +602,7 @@ def train(config: TrainConfig) -> TrainResult:
     steps_per_s = timed_steps / timed if t_timed is not None and timed > 0 and timed_steps else \
         (step - start_step) / max(elapsed, 1e-9)
     checkpoint(step)
-    if status != "nonfinite":
+    if status != "nonfinite" and config.sample_at_end:
         samples(step)
     if status == "nonfinite":
         _log(message, rank)
