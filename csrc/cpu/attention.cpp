@@ -62,39 +62,37 @@ void load_rows_transposed(const T* src, int64_t stride, int64_t n, int64_t D, fl
   }
 }
 
-// s (kBlockQ x kBlockK) = a (kBlockQ x kD) * bt (kD x kBlockK).
-template <int kD>
-void tile_matmul_abt(const float* __restrict a, const float* __restrict bt, float* __restrict s) {
-  for (int i = 0; i < kBlockQ; i += kRowsPerPass) {
-    float acc[kRowsPerPass][kBlockK] = {};
-    for (int d = 0; d < kD; ++d) {
-      const float* __restrict brow = bt + d * kBlockK;
-      for (int r = 0; r < kRowsPerPass; ++r) {
-        const float av = a[(i + r) * kD + d];
+// C (M x W) (+)= A (M x K) * B (K x W), all compile-time sizes, fp32 scratch tiles.
+// A(r, k) is read at a[r * kAr + k * kAk], so a transposed operand (P^T, dS^T) costs nothing:
+// its elements are only ever broadcast. B and C rows are dense with strides kLdb, kLdc.
+// The register tile is kRows x kCols accumulators (16 zmm): each vector of a B row feeds
+// kRows FMAs. Measured on AVX-512 (GCC 12), one thread: 8 x 32 runs at 70-87 GFLOP/s
+// for K >= 64, twice 4 x 64 (whose B loads bound it); 16 x 16 is best for short K.
+template <int M, int K, int W, int kAr, int kAk, int kLdb, int kLdc, bool kAccumulate>
+void gemm_tile(const float* __restrict a, const float* __restrict b, float* __restrict c) {
+  constexpr int kColsMax = K <= 16 ? 16 : 32;
+  constexpr int kCols = W < kColsMax ? W : kColsMax;
+  constexpr int kRows = kCols >= 32 ? 8 : 16;
+  static_assert(M % kRows == 0 && W % kCols == 0, "tile sizes must divide the block");
+  for (int r0 = 0; r0 < M; r0 += kRows) {
+    for (int w0 = 0; w0 < W; w0 += kCols) {
+      float acc[kRows][kCols];
+      for (int r = 0; r < kRows; ++r)
 #pragma omp simd
-        for (int j = 0; j < kBlockK; ++j) acc[r][j] += av * brow[j];
+        for (int w = 0; w < kCols; ++w) acc[r][w] = kAccumulate ? c[(r0 + r) * kLdc + w0 + w] : 0.0f;
+      for (int k = 0; k < K; ++k) {
+        const float* __restrict brow = b + k * kLdb + w0;
+        for (int r = 0; r < kRows; ++r) {
+          const float av = a[(r0 + r) * kAr + k * kAk];
+#pragma omp simd
+          for (int w = 0; w < kCols; ++w) acc[r][w] += av * brow[w];
+        }
       }
+      for (int r = 0; r < kRows; ++r)
+#pragma omp simd
+        for (int w = 0; w < kCols; ++w) c[(r0 + r) * kLdc + w0 + w] = acc[r][w];
     }
-    for (int r = 0; r < kRowsPerPass; ++r)
-#pragma omp simd
-      for (int j = 0; j < kBlockK; ++j) s[(i + r) * kBlockK + j] = acc[r][j];
   }
-}
-
-// row (kD) += sum_j coef[j * coef_stride] * rows[j] (rows: n x kD).
-template <int kD>
-inline void accumulate_rows(float* __restrict row, const float* __restrict coef, int coef_stride,
-                            const float* __restrict rows, int n) {
-  float acc[kD];
-#pragma omp simd
-  for (int d = 0; d < kD; ++d) acc[d] = row[d];
-  for (int j = 0; j < n; ++j) {
-    const float c = coef[j * coef_stride];
-#pragma omp simd
-    for (int d = 0; d < kD; ++d) acc[d] += c * rows[j * kD + d];
-  }
-#pragma omp simd
-  for (int d = 0; d < kD; ++d) row[d] = acc[d];
 }
 
 // ---------------------------------------------------------------------------- forward
@@ -127,11 +125,13 @@ void forward(const AttentionArgs& a) {
       const int64_t nk = std::min<int64_t>(kBlockK, Lk - k0);
       load_rows_transposed<T, kD>(kb + k0 * a.k_stride[2], a.k_stride[2], nk, D, kt);
       load_rows<T, kD>(vb + k0 * a.v_stride[2], a.v_stride[2], nk, D, 1.0f, kBlockK, vs);
-      tile_matmul_abt<kD>(qs, kt, s);
+      // S = (scale Q) K^T, then one online-softmax step per row; padding keys get p = 0.
+      gemm_tile<kBlockQ, kD, kBlockK, kD, 1, kBlockK, kBlockK, false>(qs, kt, s);
       for (int64_t i = 0; i < nq; ++i) {
         float* si = s + i * kBlockK;
         float row_max = m[i];
-        for (int64_t j = 0; j < nk; ++j) row_max = std::max(row_max, si[j]);
+#pragma omp simd reduction(max : row_max)
+        for (int j = 0; j < kBlockK; ++j) row_max = std::max(row_max, j < nk ? si[j] : -INFINITY);
         const float alpha = exp_approx(m[i] - row_max);  // 0 on the first block (m = -inf)
         float row_sum = 0.0f;
 #pragma omp simd reduction(+ : row_sum)
@@ -145,8 +145,9 @@ void forward(const AttentionArgs& a) {
         float* oi = o + i * kD;
 #pragma omp simd
         for (int d = 0; d < kD; ++d) oi[d] *= alpha;
-        accumulate_rows<kD>(oi, si, 1, vs, int(nk));
       }
+      // O += P V (rows past nq hold junk that is never stored).
+      gemm_tile<kBlockQ, kBlockK, kD, kBlockK, 1, kD, kD, true>(s, vs, o);
     }
     T* ob = out + ((b * H + h) * Lq + q0) * D;
     float* lse = a.lse + (b * H + h) * Lq + q0;
@@ -213,8 +214,8 @@ void backward(const AttentionBackwardArgs& a) {
       for (int64_t q0 = 0; q0 < lq_pad; q0 += kBlockQ) {
         const float* qi = qs + q0 * kD;
         const float* doi = dos + q0 * kD;
-        tile_matmul_abt<kD>(qi, kt, p);
-        tile_matmul_abt<kD>(doi, vt, ds);
+        gemm_tile<kBlockQ, kD, kBlockK, kD, 1, kBlockK, kBlockK, false>(qi, kt, p);    // S
+        gemm_tile<kBlockQ, kD, kBlockK, kD, 1, kBlockK, kBlockK, false>(doi, vt, ds);  // dP = dO V^T
         for (int i = 0; i < kBlockQ; ++i) {
           const float lse_i = lse[q0 + i], delta_i = delta[q0 + i];
           float* pi = p + i * kBlockK;
@@ -226,12 +227,10 @@ void backward(const AttentionBackwardArgs& a) {
             dsi[j] = pij * (dsi[j] - delta_i);
           }
         }
-        for (int64_t j = 0; j < nk; ++j) {
-          accumulate_rows<kD>(dv + j * kD, p + j, kBlockK, doi, kBlockQ);
-          accumulate_rows<kD>(dk + j * kD, ds + j, kBlockK, qi, kBlockQ);
-        }
-        const int64_t nq = std::min<int64_t>(kBlockQ, Lq - q0);
-        for (int64_t i = 0; i < nq; ++i) accumulate_rows<kD>(dq + (q0 + i) * kD, ds + i * kBlockK, 1, ks, int(nk));
+        // Rows past Lq have P = dS = 0 (lse = +inf there), so they add nothing.
+        gemm_tile<kBlockK, kBlockQ, kD, 1, kBlockK, kD, kD, true>(p, doi, dv);   // dV += P^T dO
+        gemm_tile<kBlockK, kBlockQ, kD, 1, kBlockK, kD, kD, true>(ds, qi, dk);   // dK += dS^T (scale Q)
+        gemm_tile<kBlockQ, kBlockK, kD, kBlockK, 1, kD, kD, true>(ds, ks, dq + q0 * kD);  // dQ += dS K
       }
       // dK = scale dS^T Q: qs already carries the scale.
       T* gkb = gk + ((b * H + h) * Lk + k0) * D;

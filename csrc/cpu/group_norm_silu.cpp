@@ -196,6 +196,37 @@ void forward_nsc(const GroupNormArgs& a) {
 }
 
 // ----------------------------------------------------------------- backward, NCS layout
+// Inner loops take raw pointers, not lambda captures: GCC otherwise reloads captured
+// pointers per element and vectorises those reloads as gathers.
+
+// One channel row: sums of dz and dz * xhat over its S positions.
+template <typename T, bool kAct>
+void row_grad_sums(const T* __restrict x, const T* __restrict dy, int64_t S, float rstd, float shift_hat,
+                   float w, float b, float* sum_dz, float* sum_dz_xhat) {
+  float sdz = 0.0f, sdzx = 0.0f;
+#pragma omp simd reduction(+ : sdz, sdzx)
+  for (int64_t s = 0; s < S; ++s) {
+    const float xhat = load_value(x, s) * rstd + shift_hat;
+    const float dz = load_value(dy, s) * act_grad(w * xhat + b, kAct);
+    sdz += dz;
+    sdzx += dz * xhat;
+  }
+  *sum_dz = sdz;
+  *sum_dz_xhat = sdzx;
+}
+
+// One channel row of dx = rstd * (w dz - c1 - xhat c2).
+template <typename T, bool kAct>
+void row_grad_input(const T* __restrict x, const T* __restrict dy, T* __restrict dx, int64_t S, float rstd,
+                    float shift_hat, float w, float b, float c1, float c2) {
+#pragma omp simd
+  for (int64_t s = 0; s < S; ++s) {
+    const float xhat = load_value(x, s) * rstd + shift_hat;
+    const float dz = load_value(dy, s) * act_grad(w * xhat + b, kAct);
+    store_value(dx, s, rstd * (w * dz - c1 - xhat * c2));
+  }
+}
+
 // dweight/dbias partials per (n, c) are reduced over n after the parallel loop, so the
 // result does not depend on the thread count.
 template <typename T, bool kAct>
@@ -213,15 +244,9 @@ void backward_ncs(const GroupNormBackwardArgs& a) {
     for (int64_t cl = 0; cl < Cg; ++cl) {
       const int64_t c = g * Cg + cl;
       const int64_t off = (n * C + c) * S;
-      const float w = a.weight[c], b = a.bias[c];
+      const float w = a.weight[c];
       float sdz = 0.0f, sdzx = 0.0f;
-#pragma omp simd reduction(+ : sdz, sdzx)
-      for (int64_t s = 0; s < S; ++s) {
-        const float xhat = load_value(x, off + s) * rstd + shift_hat;
-        const float dz = load_value(dy, off + s) * act_grad(w * xhat + b, kAct);
-        sdz += dz;
-        sdzx += dz * xhat;
-      }
+      row_grad_sums<T, kAct>(x + off, dy + off, S, rstd, shift_hat, w, a.bias[c], &sdz, &sdzx);
       part_db[n * C + c] = sdz;
       part_dw[n * C + c] = sdzx;
       sum_gdz += w * sdz;
@@ -232,13 +257,7 @@ void backward_ncs(const GroupNormBackwardArgs& a) {
     for (int64_t cl = 0; cl < Cg; ++cl) {
       const int64_t c = g * Cg + cl;
       const int64_t off = (n * C + c) * S;
-      const float w = a.weight[c], b = a.bias[c];
-#pragma omp simd
-      for (int64_t s = 0; s < S; ++s) {
-        const float xhat = load_value(x, off + s) * rstd + shift_hat;
-        const float dz = load_value(dy, off + s) * act_grad(w * xhat + b, kAct);
-        store_value(dx, off + s, rstd * (w * dz - c1 - xhat * c2));
-      }
+      row_grad_input<T, kAct>(x + off, dy + off, dx + off, S, rstd, shift_hat, a.weight[c], a.bias[c], c1, c2);
     }
   });
   for (int64_t c = 0; c < C; ++c) {
@@ -253,6 +272,33 @@ void backward_ncs(const GroupNormBackwardArgs& a) {
 }
 
 // ----------------------------------------------------------------- backward, NSC layout
+// One spatial position: per-channel partial sums of dz and dz * xhat (xhat = x * r + h).
+template <typename T, bool kAct>
+void position_grad_sums(const T* __restrict x, const T* __restrict dy, const float* __restrict r,
+                        const float* __restrict h, const float* __restrict w, const float* __restrict b, int64_t C,
+                        float* __restrict sum_dz, float* __restrict sum_dz_xhat) {
+#pragma omp simd
+  for (int64_t c = 0; c < C; ++c) {
+    const float xhat = load_value(x, c) * r[c] + h[c];
+    const float dz = load_value(dy, c) * act_grad(w[c] * xhat + b[c], kAct);
+    sum_dz[c] += dz;
+    sum_dz_xhat[c] += dz * xhat;
+  }
+}
+
+// One spatial position of dx = r * (w dz - k1 - xhat k2).
+template <typename T, bool kAct>
+void position_grad_input(const T* __restrict x, const T* __restrict dy, T* __restrict dx, const float* __restrict r,
+                         const float* __restrict h, const float* __restrict w, const float* __restrict b,
+                         const float* __restrict k1, const float* __restrict k2, int64_t C) {
+#pragma omp simd
+  for (int64_t c = 0; c < C; ++c) {
+    const float xhat = load_value(x, c) * r[c] + h[c];
+    const float dz = load_value(dy, c) * act_grad(w[c] * xhat + b[c], kAct);
+    store_value(dx, c, r[c] * (w[c] * dz - k1[c] - xhat * k2[c]));
+  }
+}
+
 template <typename T, bool kAct>
 void backward_nsc(const GroupNormBackwardArgs& a) {
   const int64_t N = a.batch, C = a.channels, S = a.spatial, G = a.groups, Cg = C / G;
@@ -280,15 +326,8 @@ void backward_nsc(const GroupNormBackwardArgs& a) {
     float* pdzx = part_dzx.data() + task * C;
     std::fill(pdz, pdz + C, 0.0f);
     std::fill(pdzx, pdzx + C, 0.0f);
-    for (int64_t p = 0; p < np; ++p) {
-#pragma omp simd
-      for (int64_t c = 0; c < C; ++c) {
-        const float xhat = load_value(x, base + p * C + c) * r[c] + h[c];
-        const float dz = load_value(dy, base + p * C + c) * act_grad(a.weight[c] * xhat + a.bias[c], kAct);
-        pdz[c] += dz;
-        pdzx[c] += dz * xhat;
-      }
-    }
+    for (int64_t p = 0; p < np; ++p)
+      position_grad_sums<T, kAct>(x + base + p * C, dy + base + p * C, r, h, a.weight, a.bias, C, pdz, pdzx);
   });
   // Per (n, c) totals -> dgamma, dbeta; per (n, g) the two group means of dx's formula.
   std::vector<float> c1(N * C), c2(N * C);
@@ -333,15 +372,9 @@ void backward_nsc(const GroupNormBackwardArgs& a) {
     const float* h = sh.data() + n * C;
     const float* k1 = c1.data() + n * C;
     const float* k2 = c2.data() + n * C;
-    for (int64_t p = 0; p < np; ++p) {
-#pragma omp simd
-      for (int64_t c = 0; c < C; ++c) {
-        const float xhat = load_value(x, base + p * C + c) * r[c] + h[c];
-        const float w = a.weight[c];
-        const float dz = load_value(dy, base + p * C + c) * act_grad(w * xhat + a.bias[c], kAct);
-        store_value(dx, base + p * C + c, r[c] * (w * dz - k1[c] - xhat * k2[c]));
-      }
-    }
+    for (int64_t p = 0; p < np; ++p)
+      position_grad_input<T, kAct>(x + base + p * C, dy + base + p * C, dx + base + p * C, r, h, a.weight, a.bias,
+                                   k1, k2, C);
   });
 }
 

@@ -75,15 +75,19 @@ inline uint16_t float_to_bf16(float f) {
 inline void store_value(float* p, int64_t i, float v) { p[i] = v; }
 inline void store_value(uint16_t* p, int64_t i, float v) { p[i] = float_to_bf16(v); }
 
-// e^x for fp32, ~1 ulp on the normal range: Cody-Waite reduction x = n ln2 + r, |r| <= ln2/2,
-// then a degree-7 Taylor polynomial of e^r (error < 4e-9 relative) scaled by 2^n through
-// the exponent bits. Inputs below -87.3 give 0, above 88.7 give +inf; NaN propagates.
+// e^x for fp32, ~1 ulp on [-87.3, 88.3]: Cody-Waite reduction x = n ln2 + r, |r| <= ln2/2,
+// then a degree-7 Taylor polynomial of e^r (truncation < 4e-9 relative) scaled by 2^n
+// through the exponent bits. Below -87.3 it returns 0 (callers rely on exp(-inf) = 0);
+// above 88.3 it saturates at about e^88.3 = 2e38 (only sigmoid's e^-z goes there, where
+// 1 / (1 + e^-z) is 0 to within 5e-39 either way). NaN propagates through r.
 inline float exp_approx(float x) {
   const float kLog2e = 1.44269504088896341f;
   const float kLn2Hi = 0.693145751953125f;     // ln 2, first 16 bits (exact n * kLn2Hi)
   const float kLn2Lo = 1.428606765330187e-06f;  // ln 2 - kLn2Hi
-  const float xc = std::fmin(std::fmax(x, -87.3f), 88.7f);
-  const float n = std::nearbyint(xc * kLog2e);
+  // Ternaries, not std::fmin/fmax: those stay libm calls (NaN rules) and block vectorisation.
+  float xc = x < -87.3f ? -87.3f : x;
+  xc = xc > 88.3f ? 88.3f : xc;
+  const float n = std::nearbyint(xc * kLog2e);  // in [-126, 127]: 2^n is a normal float
   const float r = (xc - n * kLn2Hi) - n * kLn2Lo;
   float p = 1.0f / 5040.0f;
   p = p * r + 1.0f / 720.0f;
@@ -93,15 +97,8 @@ inline float exp_approx(float x) {
   p = p * r + 0.5f;
   p = p * r + 1.0f;
   p = p * r + 1.0f;
-  // 2^n for n in [-126, 128): split so that both factors are normal floats.
-  const int32_t ni = int32_t(n);
-  const int32_t half = ni >> 1;
-  const float s1 = bits_to_float(uint32_t(half + 127) << 23);
-  const float s2 = bits_to_float(uint32_t(ni - half + 127) << 23);
-  float result = p * s1 * s2;
-  result = x < -87.3f ? 0.0f : result;
-  result = x > 88.7f ? INFINITY : result;
-  return x != x ? x : result;
+  const float result = p * bits_to_float(uint32_t(int32_t(n) + 127) << 23);
+  return x < -87.3f ? 0.0f : result;
 }
 
 inline float sigmoid_approx(float z) { return 1.0f / (1.0f + exp_approx(-z)); }
