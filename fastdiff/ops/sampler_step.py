@@ -183,6 +183,73 @@ def sampler_step(x_t: torch.Tensor, model_output: torch.Tensor, coefs: StepCoeff
                             bool(clip_denoised), mode)
 
 
+# --------------------------------------------------------------------------- table-driven step
+def coefficient_table(coefs: Sequence[StepCoefficients], device="cpu") -> torch.Tensor:
+    """(S, 7) float64 table whose row i holds step i's coefficients (`StepCoefficients` order)."""
+    return torch.tensor([c.as_list() for c in coefs], dtype=torch.float64, device=device).reshape(-1, 7)
+
+
+@torch.library.custom_op("fastdiff::sampler_step_table", mutates_args=())
+def _sampler_step_table_op(x_t: torch.Tensor, model_output: torch.Tensor, coef_table: torch.Tensor,
+                           step_index: torch.Tensor, seed: int, sample_offset: int, clip_denoised: bool,
+                           variance_mode: int) -> torch.Tensor:
+    """`fastdiff::sampler_step` with coefficients coef_table[i] and noise step i, i = step_index
+    read on the device: a CUDA graph captures it once and replays it for every step."""
+    backend = _backend.resolve(x_t.device, "sampler_step_table", has_triton_kernel=_triton_table_impl() is not None)
+    if backend == "triton":
+        return _triton_table_impl()(x_t, model_output, coef_table, step_index, seed, sample_offset,
+                                    clip_denoised, variance_mode)
+    # Reference and CPU kernel: read the index on the host (free for CPU tensors).
+    index = int(step_index.item())
+    if not 0 <= index < coef_table.shape[0]:
+        raise IndexError(f"step_index {index} is outside the coefficient table's {coef_table.shape[0]} rows")
+    coefs = [float(v) for v in coef_table[index].tolist()]
+    args = (x_t, model_output, coefs, seed, index, sample_offset, clip_denoised, variance_mode)
+    if backend == "native":
+        return _sampler_step_native(*args)
+    return sampler_step_reference(*args).contiguous()
+
+
+@_sampler_step_table_op.register_fake
+def _(x_t, model_output, coef_table, step_index, seed, sample_offset, clip_denoised, variance_mode):
+    return torch.empty_like(x_t, memory_format=torch.contiguous_format)
+
+
+def _triton_table_impl():
+    try:
+        from fastdiff.triton_kernels import sampler_step as triton_module  # type: ignore
+    except ImportError:
+        return None
+    return getattr(triton_module, "sampler_step_table_triton", None)
+
+
+def sampler_step_table(x_t: torch.Tensor, model_output: torch.Tensor, coef_table: torch.Tensor,
+                       step_index: torch.Tensor, *, seed: int, sample_offset: int = 0,
+                       clip_denoised: bool = False, variance: str = "fixed") -> torch.Tensor:
+    """`sampler_step` at the step i held by the 0-d int64 tensor `step_index` (on x_t's device):
+    coefficients coef_table[i] (a `coefficient_table`), noise from stream step i.
+
+    Equal to `sampler_step(x_t, model_output, coefs[i], step=i, ...)`. The Triton kernel reads
+    i on the device (no host synchronisation; i must lie in [0, S)); the reference and CPU
+    kernels read it on the host and check it.
+    """
+    mode = _check_step_inputs(x_t, model_output, variance, seed, 0, sample_offset)
+    if not isinstance(coef_table, torch.Tensor) or coef_table.dtype != torch.float64 or coef_table.dim() != 2 \
+            or coef_table.shape[1] != 7 or coef_table.shape[0] < 1:
+        raise ValueError("coef_table must be a float64 tensor of shape (S, 7) with S >= 1, got "
+                         f"{getattr(coef_table, 'dtype', type(coef_table).__name__)} "
+                         f"{tuple(getattr(coef_table, 'shape', ()))}")
+    if not isinstance(step_index, torch.Tensor) or step_index.dtype != torch.int64 or step_index.dim() != 0:
+        raise ValueError("step_index must be a 0-d int64 tensor, got "
+                         f"{getattr(step_index, 'dtype', type(step_index).__name__)} "
+                         f"{tuple(getattr(step_index, 'shape', ()))}")
+    for name, t in (("coef_table", coef_table), ("step_index", step_index)):
+        if t.device != x_t.device:
+            raise ValueError(f"{name} is on {t.device} but x_t is on {x_t.device}")
+    return _sampler_step_table_op(x_t, model_output, coef_table, step_index, seed, sample_offset,
+                                  bool(clip_denoised), mode)
+
+
 # --------------------------------------------------------------------------- plain noise
 def randn(shape: Tuple[int, ...], *, seed: int, step: int = INITIAL_NOISE_STEP, sample_offset: int = 0,
           dtype: torch.dtype = torch.float32, device="cpu") -> torch.Tensor:

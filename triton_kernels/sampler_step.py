@@ -1,0 +1,256 @@
+"""Triton `sampler_step` and `randn`: the fused reverse step with in-kernel Philox noise.
+
+Same maths and the same noise stream as fastdiff/ops/sampler_step.py (the reference) and
+csrc/cpu/sampler_step.cpp: Philox4x32-10 on counter (element // 4, sample, step, 0) with
+key (seed mod 2^32, seed >> 32), in 32-bit unsigned arithmetic (`umulhi` for the high
+word), so the integers are identical; Box-Muller turns each 4-word block into 4 normals.
+Storage fp32 / fp16 / bf16 (fp64 too, computed in fp64); arithmetic in fp32.
+
+Each program handles BLOCK consecutive elements of one sample: BLOCK / 4 Philox calls,
+whose 4 normals are interleaved back into element order with two `tl.join`s.
+
+Two entry points share one kernel:
+- `sampler_step_triton(...)`: scalar coefficients and step from the host (the custom op
+  `fastdiff::sampler_step` calls it for CUDA tensors),
+- `sampler_step_table_triton(...)`: coefficients read from a device table (S, 7) at a
+  device-side step index, so a CUDA graph can replay one captured step for every step.
+"""
+from __future__ import annotations
+
+from typing import Sequence, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+PHILOX_M0 = 0xD2511F53
+PHILOX_M1 = 0xCD9E8D57
+PHILOX_W0 = 0x9E3779B9
+PHILOX_W1 = 0xBB67AE85
+TWO_PI = 6.283185307179586
+INV_2_24 = 5.9604644775390625e-08  # 2^-24
+
+BLOCK = 1024
+_MASK32 = 0xFFFFFFFF
+
+
+# --------------------------------------------------------------------------- device helpers
+@triton.jit
+def _philox4x32_10(c0, c1, c2, c3, k0, k1):
+    """Ten Philox rounds on uint32 tensors; k0, k1 uint32 scalars (the key)."""
+    for rnd in tl.static_range(10):
+        if rnd > 0:
+            k0 = k0 + PHILOX_W0
+            k1 = k1 + PHILOX_W1
+        hi0 = tl.umulhi(c0, PHILOX_M0)
+        lo0 = c0 * PHILOX_M0
+        hi1 = tl.umulhi(c2, PHILOX_M1)
+        lo1 = c2 * PHILOX_M1
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+    return c0, c1, c2, c3
+
+
+@triton.jit
+def _uniform_open01(bits):
+    """23 random bits -> odd multiple of 2^-24 in (0, 1), exact in fp32."""
+    return (((bits >> 9) << 1) | 1).to(tl.float32) * INV_2_24
+
+
+@triton.jit
+def _philox_normals(first_quad, sample, step, k0, k1, QUADS: tl.constexpr):
+    """4 * QUADS normals for elements 4*first_quad ... in element order (fp32, shape (4*QUADS,)).
+
+    first_quad, sample, step, k0, k1: uint32 scalars.
+    """
+    c0 = first_quad + tl.arange(0, QUADS).to(tl.uint32)
+    zero = tl.zeros((QUADS,), dtype=tl.uint32)
+    r0, r1, r2, r3 = _philox4x32_10(c0, zero + sample, zero + step, zero, k0, k1)
+    radius_a = tl.sqrt(-2.0 * tl.log(_uniform_open01(r0)))
+    radius_b = tl.sqrt(-2.0 * tl.log(_uniform_open01(r2)))
+    angle_a = TWO_PI * _uniform_open01(r1)
+    angle_b = TWO_PI * _uniform_open01(r3)
+    n0 = radius_a * tl.cos(angle_a)
+    n1 = radius_a * tl.sin(angle_a)
+    n2 = radius_b * tl.cos(angle_b)
+    n3 = radius_b * tl.sin(angle_b)
+    # join(join(n0, n2), join(n1, n3))[q, i, j] = n_{2i + j}: row-major flattening is element order
+    return tl.reshape(tl.join(tl.join(n0, n2), tl.join(n1, n3)), (4 * QUADS,))
+
+
+# --------------------------------------------------------------------------- kernels
+@triton.jit(do_not_specialize=["step_arg", "key_lo", "key_hi", "sample_offset"])
+def _sampler_step_kernel(
+    x_ptr,            # in,  (batch, numel) dense
+    out_ptr,          # in,  (batch, out_stride): mean part [0, numel), variance part [numel, 2 numel)
+    y_ptr,            # out, (batch, numel) dense, x's dtype
+    coef_ptr,         # in,  (S, 7) float64 table [a1, a2, c1, c2, sigma, min_log, max_log]; FROM_TABLE only
+    index_ptr,        # in,  () int64 step index into the table, also the Philox step; FROM_TABLE only
+    a1, a2, c1, c2, sigma, min_log, max_log,  # scalars; used when not FROM_TABLE
+    step_arg,         # Philox step (< 2^32); used when not FROM_TABLE
+    key_lo, key_hi,   # seed mod 2^32, seed >> 32
+    sample_offset,    # global index of sample 0
+    numel,            # elements per sample
+    out_stride,       # elements between samples of out
+    blocks_per_sample,
+    MODE: tl.constexpr,        # 0 fixed, 1 learned, 2 learned_range
+    CLIP: tl.constexpr,
+    NOISE: tl.constexpr,       # False: sigma is known to be 0 (per-step path only)
+    FROM_TABLE: tl.constexpr,
+    HOST_STEP: tl.constexpr,   # the Philox step is step_arg even when coefficients come from the table
+    COMPUTE_F64: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    sample = pid // blocks_per_sample
+    block = pid % blocks_per_sample
+    first = block * BLOCK
+    offs = first + tl.arange(0, BLOCK)
+    mask = offs < numel
+    sample64 = sample.to(tl.int64)
+    acc = tl.float64 if COMPUTE_F64 else tl.float32
+
+    if FROM_TABLE:
+        idx = tl.load(index_ptr)
+        row = coef_ptr + idx * 7
+        a1 = tl.load(row + 0).to(acc)
+        a2 = tl.load(row + 1).to(acc)
+        c1 = tl.load(row + 2).to(acc)
+        c2 = tl.load(row + 3).to(acc)
+        sigma = tl.load(row + 4).to(acc)
+        min_log = tl.load(row + 5).to(acc)
+        max_log = tl.load(row + 6).to(acc)
+    if FROM_TABLE and not HOST_STEP:
+        step = idx.to(tl.uint32)
+    else:
+        step = step_arg.to(tl.int64).to(tl.uint32)
+
+    x = tl.load(x_ptr + sample64 * numel + offs, mask=mask, other=0.0).to(acc)
+    out_row = out_ptr + sample64 * out_stride
+    m = tl.load(out_row + offs, mask=mask, other=0.0).to(acc)
+    x0 = a1 * x + a2 * m
+    if CLIP:
+        x0 = tl.minimum(tl.maximum(x0, -1.0), 1.0)
+    value = c1 * x0 + c2 * x
+    if NOISE:
+        k0 = key_lo.to(tl.int64).to(tl.uint32)
+        k1 = key_hi.to(tl.int64).to(tl.uint32)
+        counter_sample = (sample_offset + sample64).to(tl.uint32)
+        z = _philox_normals((first // 4).to(tl.uint32), counter_sample, step, k0, k1, BLOCK // 4)
+        scale = sigma
+        if MODE == 1:
+            v = tl.load(out_row + numel + offs, mask=mask, other=0.0).to(acc)
+            scale = sigma * tl.exp(0.5 * v)
+        if MODE == 2:
+            v = tl.load(out_row + numel + offs, mask=mask, other=0.0).to(acc)
+            frac = 0.5 * (v + 1.0)  # Eq. 101 (errata): v in [-1, 1]
+            scale = sigma * tl.exp(0.5 * (frac * max_log + (1.0 - frac) * min_log))
+        noisy = value + scale * z.to(acc)
+        if FROM_TABLE:
+            value = tl.where(sigma != 0.0, noisy, value)  # exactly the reference's `if sigma != 0`
+        else:
+            value = noisy
+    tl.store(y_ptr + sample64 * numel + offs, value.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit(do_not_specialize=["step_arg", "key_lo", "key_hi", "sample_offset"])
+def _normal_kernel(
+    y_ptr,            # out, (batch, numel) dense
+    step_arg, key_lo, key_hi, sample_offset,
+    numel, blocks_per_sample,
+    BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    sample = pid // blocks_per_sample
+    first = (pid % blocks_per_sample) * BLOCK
+    offs = first + tl.arange(0, BLOCK)
+    sample64 = sample.to(tl.int64)
+    z = _philox_normals((first // 4).to(tl.uint32), (sample_offset + sample64).to(tl.uint32),
+                        step_arg.to(tl.int64).to(tl.uint32), key_lo.to(tl.int64).to(tl.uint32),
+                        key_hi.to(tl.int64).to(tl.uint32), BLOCK // 4)
+    tl.store(y_ptr + sample64 * numel + offs, z.to(y_ptr.dtype.element_ty), mask=offs < numel)
+
+
+# --------------------------------------------------------------------------- launchers
+def _prepare(x_t: torch.Tensor, model_output: torch.Tensor, variance_mode: int):
+    """Dense x and an output whose samples are dense rows; returns (x, out, numel, out_stride)."""
+    x = x_t.contiguous()
+    batch = x.shape[0]
+    numel = x[0].numel() if batch else 0
+    out = model_output
+    if variance_mode == 0 and out.dim() >= 1 and batch:
+        # A slice out[:, :C] of a contiguous (B, 2C, ...) output is read in place.
+        dense_rows = all(st == exp for st, exp, sz in zip(
+            reversed(out.stride()[1:]), _row_major(out.shape[1:]), reversed(out.shape[1:])) if sz != 1)
+        if not dense_rows:
+            out = out.contiguous()
+    else:
+        out = out.contiguous()
+    out_stride = out.stride(0) if (variance_mode == 0 and batch > 1) else 2 * numel if variance_mode else numel
+    return x, out, numel, out_stride
+
+
+def _row_major(sizes) -> list:
+    strides, acc = [], 1
+    for s in reversed(tuple(sizes)):
+        strides.append(acc)
+        acc *= s
+    return strides
+
+
+def _launch(x_t, model_output, coefs, coef_table, step_index, seed, step, sample_offset, clip_denoised,
+            variance_mode, noise: bool) -> torch.Tensor:
+    x, out, numel, out_stride = _prepare(x_t, model_output, variance_mode)
+    y = torch.empty_like(x)
+    batch = x.shape[0]
+    if batch == 0 or numel == 0:
+        return y
+    blocks = triton.cdiv(numel, BLOCK)
+    a1, a2, c1, c2, sigma, min_log, max_log = [float(c) for c in coefs]
+    host_step = coef_table is None
+    if coef_table is None and x.dtype == torch.float64:
+        # Triton passes Python floats as fp32; fp64 storage gets its coefficients at full precision.
+        coef_table = torch.tensor([list(map(float, coefs))], dtype=torch.float64, device=x.device)
+        step_index = torch.zeros((), dtype=torch.int64, device=x.device)
+    from_table = coef_table is not None
+    dummy = x
+    _sampler_step_kernel[(batch * blocks,)](
+        x, out, y,
+        coef_table if from_table else dummy, step_index if from_table else dummy,
+        a1, a2, c1, c2, sigma, min_log, max_log,
+        int(step), seed & _MASK32, seed >> 32, int(sample_offset), numel, out_stride, blocks,
+        MODE=int(variance_mode), CLIP=bool(clip_denoised), NOISE=bool(noise), FROM_TABLE=from_table,
+        HOST_STEP=host_step,
+        COMPUTE_F64=x.dtype == torch.float64, BLOCK=BLOCK, num_warps=4,
+    )
+    return y
+
+
+def sampler_step_triton(x_t: torch.Tensor, model_output: torch.Tensor, coefs: Sequence[float], seed: int,
+                        step: int, sample_offset: int, clip_denoised: bool, variance_mode: int) -> torch.Tensor:
+    """One fused reverse step (arguments as `fastdiff::sampler_step`, already checked)."""
+    return _launch(x_t, model_output, coefs, None, None, seed, step, sample_offset, clip_denoised,
+                   variance_mode, noise=float(coefs[4]) != 0.0)
+
+
+def sampler_step_table_triton(x_t: torch.Tensor, model_output: torch.Tensor, coef_table: torch.Tensor,
+                              step_index: torch.Tensor, seed: int, sample_offset: int, clip_denoised: bool,
+                              variance_mode: int) -> torch.Tensor:
+    """The step at device-side index `step_index` (0-d int64), coefficients from `coef_table` (S, 7)
+    float64; no host synchronisation (arguments as `fastdiff::sampler_step_table`)."""
+    return _launch(x_t, model_output, (0.0,) * 7, coef_table.contiguous(), step_index, seed, 0, sample_offset,
+                   clip_denoised, variance_mode, noise=True)
+
+
+def randn_triton(shape: Tuple[int, ...], seed: int, step: int, sample_offset: int = 0,
+                 dtype: torch.dtype = torch.float32, device="cuda") -> torch.Tensor:
+    """Standard normals from the fastdiff stream (shape[0] is the sample index); the same
+    numbers as `fastdiff.ops.randn`."""
+    shape = tuple(int(s) for s in shape)
+    y = torch.empty(shape, dtype=dtype, device=device)
+    batch = shape[0] if shape else 0
+    numel = y[0].numel() if batch else 0
+    if batch and numel:
+        blocks = triton.cdiv(numel, BLOCK)
+        _normal_kernel[(batch * blocks,)](y, int(step), seed & _MASK32, seed >> 32, int(sample_offset), numel,
+                                          blocks, BLOCK=BLOCK, num_warps=4)
+    return y
