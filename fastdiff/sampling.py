@@ -108,7 +108,8 @@ def sample(model: Callable, shape: Optional[Sequence[int]] = None, steps: int = 
            diffusion: Optional[GaussianDiffusion] = None, seed: int = 0, spacing: str = "uniform",
            clip_denoised: bool = True, sampler: str = "ddim", x_T: Optional[torch.Tensor] = None,
            n: int = 16, model_kwargs: Optional[dict] = None, progress: bool = False,
-           device=None, dtype: torch.dtype = torch.float32, sample_offset: int = 0) -> torch.Tensor:
+           device=None, dtype: torch.dtype = torch.float32, sample_offset: int = 0,
+           cuda_graph: bool = False, compile: Optional[str] = None) -> torch.Tensor:
     """Draw samples by DDIM (Eq. 114, sigma from Eq. 119) or ancestral DDPM.
 
     model: any callable model(x_t, t, **model_kwargs), t a LongTensor (B,) of original timesteps.
@@ -117,6 +118,9 @@ def sample(model: Callable, shape: Optional[Sequence[int]] = None, steps: int = 
     eta: DDIM stochasticity (0 = deterministic); ignored by sampler="ddpm".
     seed, sample_offset: the noise of sample i is a function of (seed, sample_offset + i,
         step, element) only, so the first image of a batch equals the image drawn alone.
+    cuda_graph: capture model call + step once as a CUDA graph and replay it for every step
+        (CUDA tensors only; ValueError on CPU). compile: a torch.compile mode for the model,
+        e.g. "reduce-overhead". Same samples as the plain loop; see fastdiff/cuda_graphs.py.
     """
     _check_choice("sampler", sampler, SAMPLERS)
     if not isinstance(eta, (int, float)) or isinstance(eta, bool) or not np.isfinite(eta) or eta < 0:
@@ -151,6 +155,12 @@ def sample(model: Callable, shape: Optional[Sequence[int]] = None, steps: int = 
     # learned variance; DDIM's sigma comes from eta, so it is handed the mean channels.
     variance = d.variance if (sampler == "ddpm" and d.learned_variance) else "fixed"
     mean_only = sampler == "ddim" and d.learned_variance
+    if cuda_graph or compile is not None:
+        from fastdiff.cuda_graphs import sample_loop
+        return sample_loop(model, x, coefs, d.timestep_map, seed=seed, sample_offset=sample_offset,
+                           clip_denoised=clip_denoised, variance=variance, mean_only=mean_only,
+                           model_kwargs=model_kwargs, split_output=d.split_output, cuda_graph=cuda_graph,
+                           compile=compile)
     indices = range(d.T - 1, -1, -1)
     if progress:
         from tqdm.auto import tqdm
