@@ -85,6 +85,8 @@ def _inputs(shape, dtype=torch.float32, learned=False, seed=0):
 CASES = [
     ((1, 1), "minimal"),
     ((2, 3), "odd, smaller than a quad"),
+    ((5000, 2, 1), "many tiny samples per task"),
+    ((3000, 3, 5, 5), "runs of samples, serial and parallel"),
     ((3, 3, 5, 7), "odd spatial"),
     ((2, 4, 33, 31), "crosses a noise block"),
     ((2, 3, 64, 70), "crosses a parallel chunk"),

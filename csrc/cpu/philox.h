@@ -97,12 +97,12 @@ inline void sincos_2pi(float u, float* s_out, float* c_out) {
 }
 
 
-// Block of kNoiseBlock normals for elements [first, first + kNoiseBlock) of one sample;
-// `first` is a multiple of 4.
+// 4 * quads normals (quads <= kNoiseQuads) for elements [4 first_quad, 4 (first_quad + quads))
+// of one sample.
 constexpr int kNoiseQuads = 16;
 constexpr int kNoiseBlock = 4 * kNoiseQuads;
 
-void normal_block(uint64_t seed, uint32_t sample, uint32_t step, uint32_t first_quad,
-                  float* out /* (kNoiseBlock,) */);
+void normal_block(uint64_t seed, uint32_t sample, uint32_t step, uint32_t first_quad, int quads,
+                  float* out /* (4 * quads,) */);
 
 }  // namespace fastdiff

@@ -18,11 +18,11 @@
 
 namespace fastdiff {
 
-void normal_block(uint64_t seed, uint32_t sample, uint32_t step, uint32_t first_quad, float* out) {
+void normal_block(uint64_t seed, uint32_t sample, uint32_t step, uint32_t first_quad, int quads, float* out) {
   const uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
   float n0[kNoiseQuads], n1[kNoiseQuads], n2[kNoiseQuads], n3[kNoiseQuads];
 #pragma omp simd
-  for (int l = 0; l < kNoiseQuads; ++l) {
+  for (int l = 0; l < quads; ++l) {
     const Philox4 r = philox4x32_10(first_quad + static_cast<uint32_t>(l), sample, step, 0u, k0, k1);
     const float radius_a = std::sqrt(-2.0f * log_unit(uniform_open01(r.v[0])));
     const float radius_b = std::sqrt(-2.0f * log_unit(uniform_open01(r.v[2])));
@@ -34,7 +34,7 @@ void normal_block(uint64_t seed, uint32_t sample, uint32_t step, uint32_t first_
     n2[l] = radius_b * cb;
     n3[l] = radius_b * sb;
   }
-  for (int l = 0; l < kNoiseQuads; ++l) {
+  for (int l = 0; l < quads; ++l) {
     out[4 * l + 0] = n0[l];
     out[4 * l + 1] = n1[l];
     out[4 * l + 2] = n2[l];
@@ -45,9 +45,36 @@ void normal_block(uint64_t seed, uint32_t sample, uint32_t step, uint32_t first_
 namespace {
 
 // Elements per parallel task: large enough to amortise scheduling, small enough to
-// balance 2-64 threads on a (64, 3, 32, 32) batch.
+// balance 2-64 threads on a (64, 3, 32, 32) batch. Below kSerialBelow elements in all,
+// one thread does the work: a fork/join costs more than it saves (and much more when the
+// other cores are busy).
 constexpr int64_t kChunk = 4096;
+constexpr int64_t kSerialBelow = 32768;
 static_assert(kChunk % kNoiseBlock == 0, "chunks must hold whole noise blocks");
+
+// Splits (batch, numel_per_sample) into tasks of about kChunk elements: pieces of one
+// sample when samples are large, runs of whole samples when they are small.
+struct TaskGrid {
+  int64_t batch, numel, chunks_per_sample, samples_per_task, num_tasks;
+  TaskGrid(int64_t batch_, int64_t numel_) : batch(batch_), numel(numel_) {
+    chunks_per_sample = numel > kChunk ? (numel + kChunk - 1) / kChunk : 1;
+    samples_per_task = numel > kChunk ? 1 : std::max<int64_t>(1, kChunk / std::max<int64_t>(numel, 1));
+    num_tasks = numel > kChunk ? batch * chunks_per_sample : (batch + samples_per_task - 1) / samples_per_task;
+  }
+  // Calls fn(sample, begin, end) for each piece of work in `task`.
+  template <typename Fn>
+  void run(int64_t task, Fn&& fn) const {
+    if (numel > kChunk) {
+      const int64_t begin = (task % chunks_per_sample) * kChunk;
+      fn(task / chunks_per_sample, begin, std::min(begin + kChunk, numel));
+      return;
+    }
+    const int64_t first = task * samples_per_task;
+    const int64_t last = std::min(first + samples_per_task, batch);
+    for (int64_t sample = first; sample < last; ++sample) fn(sample, int64_t(0), numel);
+  }
+  int threads(int requested) const { return batch * numel < kSerialBelow ? 1 : requested; }
+};
 
 template <typename scalar_t, int kMode, bool kClip, bool kNoise>
 void step_chunk(const SamplerStepArgs& a, const scalar_t* x, const scalar_t* out, const scalar_t* var,
@@ -59,7 +86,7 @@ void step_chunk(const SamplerStepArgs& a, const scalar_t* x, const scalar_t* out
     const int64_t len = std::min<int64_t>(kNoiseBlock, end - b0);
     if (kNoise)
       normal_block(a.seed, static_cast<uint32_t>(a.sample_offset + sample), a.step,
-                   static_cast<uint32_t>(b0 / 4), z);
+                   static_cast<uint32_t>(b0 / 4), static_cast<int>((len + 3) / 4), z);
 #pragma omp simd
     for (int64_t j = 0; j < len; ++j) {
       const int64_t e = b0 + j;
@@ -85,15 +112,14 @@ void run_step(const SamplerStepArgs& a) {
   const auto* x = static_cast<const scalar_t*>(a.x);
   const auto* out = static_cast<const scalar_t*>(a.model_output);
   auto* y = static_cast<scalar_t*>(a.y);
-  const int64_t chunks_per_sample = (a.numel_per_sample + kChunk - 1) / kChunk;
-  parallel_for(a.batch * chunks_per_sample, a.num_threads, [&](int64_t task) {
-    const int64_t sample = task / chunks_per_sample;
-    const int64_t begin = (task % chunks_per_sample) * kChunk;
-    const int64_t end = std::min(begin + kChunk, a.numel_per_sample);
-    const scalar_t* out_s = out + sample * a.output_sample_stride;
-    step_chunk<scalar_t, kMode, kClip, kNoise>(a, x + sample * a.numel_per_sample, out_s,
-                                               out_s + a.numel_per_sample,
-                                               y + sample * a.numel_per_sample, sample, begin, end);
+  const TaskGrid grid(a.batch, a.numel_per_sample);
+  parallel_for(grid.num_tasks, grid.threads(a.num_threads), [&](int64_t task) {
+    grid.run(task, [&](int64_t sample, int64_t begin, int64_t end) {
+      const scalar_t* out_s = out + sample * a.output_sample_stride;
+      step_chunk<scalar_t, kMode, kClip, kNoise>(a, x + sample * a.numel_per_sample, out_s,
+                                                 out_s + a.numel_per_sample,
+                                                 y + sample * a.numel_per_sample, sample, begin, end);
+    });
   });
 }
 
@@ -119,19 +145,18 @@ void dispatch_mode(const SamplerStepArgs& a) {
 template <typename scalar_t>
 void run_normal(const NormalArgs& a) {
   auto* y = static_cast<scalar_t*>(a.y);
-  const int64_t chunks_per_sample = (a.numel_per_sample + kChunk - 1) / kChunk;
-  parallel_for(a.batch * chunks_per_sample, a.num_threads, [&](int64_t task) {
-    const int64_t sample = task / chunks_per_sample;
-    const int64_t begin = (task % chunks_per_sample) * kChunk;
-    const int64_t end = std::min(begin + kChunk, a.numel_per_sample);
-    scalar_t* ys = y + sample * a.numel_per_sample;
-    float z[kNoiseBlock];
-    for (int64_t b0 = begin; b0 < end; b0 += kNoiseBlock) {
-      normal_block(a.seed, static_cast<uint32_t>(a.sample_offset + sample), a.step,
-                   static_cast<uint32_t>(b0 / 4), z);
-      const int64_t len = std::min<int64_t>(kNoiseBlock, end - b0);
-      for (int64_t j = 0; j < len; ++j) ys[b0 + j] = static_cast<scalar_t>(z[j]);
-    }
+  const TaskGrid grid(a.batch, a.numel_per_sample);
+  parallel_for(grid.num_tasks, grid.threads(a.num_threads), [&](int64_t task) {
+    grid.run(task, [&](int64_t sample, int64_t begin, int64_t end) {
+      scalar_t* ys = y + sample * a.numel_per_sample;
+      float z[kNoiseBlock];
+      for (int64_t b0 = begin; b0 < end; b0 += kNoiseBlock) {
+        const int64_t len = std::min<int64_t>(kNoiseBlock, end - b0);
+        normal_block(a.seed, static_cast<uint32_t>(a.sample_offset + sample), a.step,
+                     static_cast<uint32_t>(b0 / 4), static_cast<int>((len + 3) / 4), z);
+        for (int64_t j = 0; j < len; ++j) ys[b0 + j] = static_cast<scalar_t>(z[j]);
+      }
+    });
   });
 }
 
