@@ -31,7 +31,8 @@ except ImportError:  # fastdiff/nn.py not there yet: same signatures, pure torch
             return F.silu(y) if self.act else y
 
     class SelfAttention2d(nn.Module):
-        """The DDPM attention block: x + proj(attention(qkv(norm(x)))) over the H*W tokens."""
+        """The DDPM attention block: x + proj_out(attention(qkv(norm(x)))) over the H*W tokens
+        (the projections are per-position, nn.Linear on the token axis)."""
 
         def __init__(self, channels: int, num_heads: int = 1, num_groups: int = 32,
                      head_dim: Optional[int] = None):
@@ -44,16 +45,16 @@ except ImportError:  # fastdiff/nn.py not there yet: same signatures, pure torch
                 raise ValueError(f"channels={channels} must be a multiple of num_heads={num_heads}")
             self.channels, self.num_heads = channels, num_heads
             self.norm = GroupNormSiLU(num_groups, channels, act=False)
-            self.qkv = nn.Conv2d(channels, 3 * channels, 1)
-            self.proj = nn.Conv2d(channels, channels, 1)
+            self.qkv = nn.Linear(channels, 3 * channels)
+            self.proj_out = nn.Linear(channels, channels)
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             b, c, h, w = x.shape
-            qkv = self.qkv(self.norm(x)).reshape(b, 3, self.num_heads, c // self.num_heads, h * w)
-            q, k, v = (qkv[:, i].transpose(-1, -2) for i in range(3))  # (B, heads, HW, head_dim)
-            out = F.scaled_dot_product_attention(q, k, v)
-            out = out.transpose(-1, -2).reshape(b, c, h, w)
-            return x + self.proj(out)
+            tokens = self.norm(x).flatten(2).transpose(1, 2)  # (B, L, C)
+            qkv = self.qkv(tokens).view(b, h * w, 3, self.num_heads, c // self.num_heads)
+            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, heads, L, head_dim)
+            out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, h * w, c)
+            return x + self.proj_out(out).transpose(1, 2).reshape(b, c, h, w)
 
 
 PRESETS: Dict[str, Dict[str, Any]] = {
@@ -197,9 +198,7 @@ class UNet(nn.Module):
 
         def attention(ch: int) -> nn.Module:
             attn = SelfAttention2d(ch, num_heads=num_heads, num_groups=num_groups, head_dim=num_head_channels)
-            proj = getattr(attn, "proj", None)
-            if isinstance(proj, nn.Module):
-                _zero_init(proj)  # Ho et al.: the block starts as the identity
+            _zero_init(attn.proj_out)  # Ho et al.: the block starts as the identity
             return attn
 
         def res(i: int, o: int) -> ResBlock:
