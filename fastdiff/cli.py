@@ -214,7 +214,7 @@ DEMO_MODEL = dict(model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, a
 
 
 def run_demo(out: str = "fastdiff-demo", minutes: float = 9.0, preset: Optional[str] = None, batch_size: int = 32,
-             n: int = 100, seed: int = 0, lr: float = 1e-3) -> dict:
+             n: int = 100, seed: int = 0, lr: float = 1e-3, dataset_size: int = 10000) -> dict:
     """Train a class-conditional U-Net on the embedded shapes within `minutes` of wall clock
     (sampling included), then draw an n-image DDIM-50 grid, one row per class."""
     import platform
@@ -234,21 +234,27 @@ def run_demo(out: str = "fastdiff-demo", minutes: float = 9.0, preset: Optional[
     ddim_steps = 50
     config = TrainConfig(data="shapes", out=str(out_dir), steps=10 ** 7, preset=preset or "tiny", batch_size=batch_size,
                          seed=seed, lr=lr, warmup_steps=100, ema_rate=0.999, class_cond=True, p_uncond=0.1,
-                         dataset_size=20000, save_every=250, sample_at_end=False, model={} if preset else DEMO_MODEL,
+                         dataset_size=dataset_size, save_every=250, sample_at_end=False, model={} if preset else DEMO_MODEL,
                          log_every=10)
     # Budget: measure one sampling forward pass, keep 50 of them (x1.5) plus a margin for sampling.
     probe = UNet.preset(config.preset, num_classes=10, diffusion=build_diffusion(config), **config.model).eval()
     with torch.no_grad():
         xb, tb, yb = torch.randn(n, 3, 32, 32), torch.full((n,), 500), torch.arange(n) % 10
-        probe(xb[:2], tb[:2], y=yb[:2])
-        t0 = time.time()
-        probe(xb, tb, y=yb)
-        sample_estimate = 1.5 * ddim_steps * (time.time() - t0) + 10.0
+        probe(xb, tb, y=yb)  # first call: allocator and kernel set-up
+        best = math.inf
+        for _ in range(2):
+            t0 = time.time()
+            probe(xb, tb, y=yb)
+            best = min(best, time.time() - t0)
+        sample_estimate = 1.5 * ddim_steps * best + 5.0
     params = probe.num_parameters()
     del probe
-    train_seconds = 60.0 * minutes - (time.time() - t_begin) - sample_estimate - 20.0  # 20 s: data + saving
+    # the rest of the margin: generating the data (~0.6 ms an image) and the final save
+    train_seconds = 60.0 * minutes - (time.time() - t_begin) - sample_estimate - 5.0 - 6e-4 * dataset_size
     if train_seconds < 5:
-        raise UserError(f"--minutes {minutes} is too short: sampling alone needs about {sample_estimate:.0f}s")
+        print(f"fastdiff demo: warning: --minutes {minutes:g} is too short (sampling alone needs about "
+              f"{sample_estimate:.0f}s); training for 5 s anyway", file=sys.stderr)
+        train_seconds = 5.0
     config.max_minutes = train_seconds / 60.0
     print(f"fastdiff demo: training a {params / 1e6:.2f}M-parameter U-Net on the embedded shapes for "
           f"{train_seconds / 60:.1f} min (of a {minutes:g} min budget), then DDIM-{ddim_steps} sampling "
@@ -289,7 +295,8 @@ def run_demo(out: str = "fastdiff-demo", minutes: float = 9.0, preset: Optional[
 
 
 def cmd_demo(a: argparse.Namespace) -> int:
-    run_demo(out=a.out, minutes=a.minutes, preset=a.preset, batch_size=a.batch_size, n=a.n, seed=a.seed)
+    run_demo(out=a.out, minutes=a.minutes, preset=a.preset, batch_size=a.batch_size, n=a.n, seed=a.seed,
+             lr=a.lr, dataset_size=a.dataset_size)
     return 0
 
 
@@ -352,6 +359,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive_int, default=32)
     p.add_argument("--n", type=_positive_int, default=100, help="samples in the grid (default: 100)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lr", type=_positive_float, default=1e-3, help="peak learning rate (default: 1e-3)")
+    p.add_argument("--dataset-size", type=_positive_int, default=10000,
+                   help="size of the generated shapes set (default: 10000)")
     p.set_defaults(func=cmd_demo)
     return parser
 
