@@ -12,7 +12,7 @@ CXX = shutil.which(os.environ.get("CXX", "g++"))
 
 def _build_and_run(tmp_path, harness: str, sources):
     exe = tmp_path / "harness"
-    cmd = [CXX, "-std=c++17", "-O1", "-g", "-fopenmp", "-fsanitize=address,undefined",
+    cmd = [CXX, "-std=c++17", "-O1", "-g", "-march=native", "-fopenmp", "-fsanitize=address,undefined",
            "-fno-omit-frame-pointer", "-fno-sanitize-recover=undefined", f"-I{ROOT}/csrc",
            os.path.join(ROOT, "tests", "native", harness), *[os.path.join(ROOT, s) for s in sources],
            "-o", str(exe)]

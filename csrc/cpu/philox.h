@@ -9,6 +9,10 @@
 #include <cstdint>
 #include <cstring>
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 namespace fastdiff {
 
 constexpr uint32_t kPhiloxM0 = 0xD2511F53u;
@@ -38,6 +42,43 @@ inline Philox4 philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3,
   }
   return {{c0, c1, c2, c3}};
 }
+
+#if defined(__AVX512F__)
+// Sixteen Philox4x32-10 evaluations at once, counters (c0 + lane, c1, c2, c3). Written by
+// hand because compilers widen the 32x32->64 products to 64-bit lanes (vpmullq + packs);
+// vpmuludq on even and odd lanes gives the same products in a third of the instructions.
+inline void philox4x32_10_x16(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint32_t k0, uint32_t k1,
+                              uint32_t* r0, uint32_t* r1, uint32_t* r2, uint32_t* r3 /* each (16,) */) {
+  const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  __m512i x0 = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(c0)), lanes);
+  __m512i x1 = _mm512_set1_epi32(static_cast<int>(c1));
+  __m512i x2 = _mm512_set1_epi32(static_cast<int>(c2));
+  __m512i x3 = _mm512_set1_epi32(static_cast<int>(c3));
+  const __m512i m0 = _mm512_set1_epi64(kPhiloxM0), m1 = _mm512_set1_epi64(kPhiloxM1);
+  const __mmask16 odd = 0xAAAA;
+  for (int round = 0; round < 10; ++round) {
+    if (round > 0) {
+      k0 += kPhiloxW0;
+      k1 += kPhiloxW1;
+    }
+    const __m512i p0_even = _mm512_mul_epu32(x0, m0), p0_odd = _mm512_mul_epu32(_mm512_srli_epi64(x0, 32), m0);
+    const __m512i p1_even = _mm512_mul_epu32(x2, m1), p1_odd = _mm512_mul_epu32(_mm512_srli_epi64(x2, 32), m1);
+    const __m512i hi0 = _mm512_mask_blend_epi32(odd, _mm512_srli_epi64(p0_even, 32), p0_odd);
+    const __m512i lo0 = _mm512_mask_blend_epi32(odd, p0_even, _mm512_slli_epi64(p0_odd, 32));
+    const __m512i hi1 = _mm512_mask_blend_epi32(odd, _mm512_srli_epi64(p1_even, 32), p1_odd);
+    const __m512i lo1 = _mm512_mask_blend_epi32(odd, p1_even, _mm512_slli_epi64(p1_odd, 32));
+    // 0x96: three-way xor
+    x0 = _mm512_ternarylogic_epi32(hi1, x1, _mm512_set1_epi32(static_cast<int>(k0)), 0x96);
+    x1 = lo1;
+    x2 = _mm512_ternarylogic_epi32(hi0, x3, _mm512_set1_epi32(static_cast<int>(k1)), 0x96);
+    x3 = lo0;
+  }
+  _mm512_storeu_si512(r0, x0);
+  _mm512_storeu_si512(r1, x1);
+  _mm512_storeu_si512(r2, x2);
+  _mm512_storeu_si512(r3, x3);
+}
+#endif
 
 // 23 random bits -> an odd multiple of 2^-24 in (0, 1): exact in float32, never 0 or 1.
 inline float uniform_open01(uint32_t bits) {

@@ -20,15 +20,30 @@ namespace fastdiff {
 
 void normal_block(uint64_t seed, uint32_t sample, uint32_t step, uint32_t first_quad, int quads, float* out) {
   const uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+  static_assert(kNoiseQuads == 16, "the AVX-512 Philox computes 16 quads at once");
+  // 1. the Philox words (all 16 quads; the caller uses the first `quads`)
+  alignas(64) uint32_t r0[kNoiseQuads], r1[kNoiseQuads], r2[kNoiseQuads], r3[kNoiseQuads];
+#if defined(__AVX512F__)
+  philox4x32_10_x16(first_quad, sample, step, 0u, k0, k1, r0, r1, r2, r3);
+#else
+#pragma omp simd
+  for (int l = 0; l < kNoiseQuads; ++l) {
+    const Philox4 r = philox4x32_10(first_quad + static_cast<uint32_t>(l), sample, step, 0u, k0, k1);
+    r0[l] = r.v[0];
+    r1[l] = r.v[1];
+    r2[l] = r.v[2];
+    r3[l] = r.v[3];
+  }
+#endif
+  // 2. Box-Muller on the pairs (r0, r1) and (r2, r3)
   float n0[kNoiseQuads], n1[kNoiseQuads], n2[kNoiseQuads], n3[kNoiseQuads];
 #pragma omp simd
-  for (int l = 0; l < quads; ++l) {
-    const Philox4 r = philox4x32_10(first_quad + static_cast<uint32_t>(l), sample, step, 0u, k0, k1);
-    const float radius_a = std::sqrt(-2.0f * log_unit(uniform_open01(r.v[0])));
-    const float radius_b = std::sqrt(-2.0f * log_unit(uniform_open01(r.v[2])));
+  for (int l = 0; l < kNoiseQuads; ++l) {
+    const float radius_a = std::sqrt(-2.0f * log_unit(uniform_open01(r0[l])));
+    const float radius_b = std::sqrt(-2.0f * log_unit(uniform_open01(r2[l])));
     float sa, ca, sb, cb;
-    sincos_2pi(uniform_open01(r.v[1]), &sa, &ca);
-    sincos_2pi(uniform_open01(r.v[3]), &sb, &cb);
+    sincos_2pi(uniform_open01(r1[l]), &sa, &ca);
+    sincos_2pi(uniform_open01(r3[l]), &sb, &cb);
     n0[l] = radius_a * ca;
     n1[l] = radius_a * sa;
     n2[l] = radius_b * cb;
