@@ -96,16 +96,18 @@ void forward_ncs(const GroupNormArgs& a) {
     a.rstd[task] = rstd;
     for (int64_t cl = 0; cl < Cg; ++cl) {
       const int64_t c = g * Cg + cl;
-      const float scale = rstd * a.weight[c];
-      const float shift = a.bias[c] - mean * scale;
+      // (x - mean) * scale, not x * scale - mean * scale: exact 0 at x = mean, however
+      // large rstd is (a constant group), where the folded form cancels catastrophically.
+      const float scale = rstd * a.weight[c], shift = a.bias[c];
       const T* xr = x + offset + cl * S;
       T* yr = y + offset + cl * S;
       if (a.act) {
 #pragma omp simd
-        for (int64_t s = 0; s < S; ++s) store_value(yr, s, act_forward(load_value(xr, s) * scale + shift, true));
+        for (int64_t s = 0; s < S; ++s)
+          store_value(yr, s, act_forward((load_value(xr, s) - mean) * scale + shift, true));
       } else {
 #pragma omp simd
-        for (int64_t s = 0; s < S; ++s) store_value(yr, s, load_value(xr, s) * scale + shift);
+        for (int64_t s = 0; s < S; ++s) store_value(yr, s, (load_value(xr, s) - mean) * scale + shift);
       }
     }
   });
@@ -117,6 +119,15 @@ inline int64_t nsc_positions(int64_t C, int64_t S) {
 }
 
 // ------------------------------------------------------------------ forward, NSC layout
+// One spatial position: y = act((x - center) * scale + bias), per channel.
+template <typename T, bool kAct>
+void position_forward(const T* __restrict x, T* __restrict y, const float* __restrict center,
+                      const float* __restrict scale, const float* __restrict bias, int64_t C) {
+#pragma omp simd
+  for (int64_t c = 0; c < C; ++c)
+    store_value(y, c, act_forward((load_value(x, c) - center[c]) * scale[c] + bias[c], kAct));
+}
+
 template <typename T>
 void forward_nsc(const GroupNormArgs& a) {
   const int64_t N = a.batch, C = a.channels, S = a.spatial, G = a.groups, Cg = C / G;
@@ -156,8 +167,8 @@ void forward_nsc(const GroupNormArgs& a) {
       part_m2[task * G + g] = gm2;
     }
   });
-  // Merge the chunks of each (n, g) and fold gamma, beta into per-(n, c) scale, shift.
-  std::vector<float> scale(N * C), shift(N * C);
+  // Merge the chunks of each (n, g); per-(n, c) center (the group mean) and scale.
+  std::vector<float> center(N * C), scale(N * C);
   for (int64_t n = 0; n < N; ++n) {
     for (int64_t g = 0; g < G; ++g) {
       Moments m;
@@ -170,8 +181,8 @@ void forward_nsc(const GroupNormArgs& a) {
       a.mean[n * G + g] = mean;
       a.rstd[n * G + g] = rstd;
       for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) {
+        center[n * C + c] = mean;
         scale[n * C + c] = rstd * a.weight[c];
-        shift[n * C + c] = a.bias[c] - mean * scale[n * C + c];
       }
     }
   }
@@ -180,16 +191,11 @@ void forward_nsc(const GroupNormArgs& a) {
     const int64_t s0 = chunk * P, np = std::min(P, S - s0);
     const T* xs = x + (n * S + s0) * C;
     T* ys = y + (n * S + s0) * C;
-    const float* sc = scale.data() + n * C;
-    const float* sh = shift.data() + n * C;
     for (int64_t p = 0; p < np; ++p) {
       if (a.act) {
-#pragma omp simd
-        for (int64_t c = 0; c < C; ++c)
-          store_value(ys, p * C + c, act_forward(load_value(xs, p * C + c) * sc[c] + sh[c], true));
+        position_forward<T, true>(xs + p * C, ys + p * C, center.data() + n * C, scale.data() + n * C, a.bias, C);
       } else {
-#pragma omp simd
-        for (int64_t c = 0; c < C; ++c) store_value(ys, p * C + c, load_value(xs, p * C + c) * sc[c] + sh[c]);
+        position_forward<T, false>(xs + p * C, ys + p * C, center.data() + n * C, scale.data() + n * C, a.bias, C);
       }
     }
   });
@@ -201,12 +207,12 @@ void forward_nsc(const GroupNormArgs& a) {
 
 // One channel row: sums of dz and dz * xhat over its S positions.
 template <typename T, bool kAct>
-void row_grad_sums(const T* __restrict x, const T* __restrict dy, int64_t S, float rstd, float shift_hat,
+void row_grad_sums(const T* __restrict x, const T* __restrict dy, int64_t S, float rstd, float mean,
                    float w, float b, float* sum_dz, float* sum_dz_xhat) {
   float sdz = 0.0f, sdzx = 0.0f;
 #pragma omp simd reduction(+ : sdz, sdzx)
   for (int64_t s = 0; s < S; ++s) {
-    const float xhat = load_value(x, s) * rstd + shift_hat;
+    const float xhat = (load_value(x, s) - mean) * rstd;
     const float dz = load_value(dy, s) * act_grad(w * xhat + b, kAct);
     sdz += dz;
     sdzx += dz * xhat;
@@ -218,10 +224,10 @@ void row_grad_sums(const T* __restrict x, const T* __restrict dy, int64_t S, flo
 // One channel row of dx = rstd * (w dz - c1 - xhat c2).
 template <typename T, bool kAct>
 void row_grad_input(const T* __restrict x, const T* __restrict dy, T* __restrict dx, int64_t S, float rstd,
-                    float shift_hat, float w, float b, float c1, float c2) {
+                    float mean, float w, float b, float c1, float c2) {
 #pragma omp simd
   for (int64_t s = 0; s < S; ++s) {
-    const float xhat = load_value(x, s) * rstd + shift_hat;
+    const float xhat = (load_value(x, s) - mean) * rstd;
     const float dz = load_value(dy, s) * act_grad(w * xhat + b, kAct);
     store_value(dx, s, rstd * (w * dz - c1 - xhat * c2));
   }
@@ -239,14 +245,13 @@ void backward_ncs(const GroupNormBackwardArgs& a) {
   parallel_for(N * G, a.num_threads, [&](int64_t task) {
     const int64_t n = task / G, g = task % G;
     const float mean = a.mean[task], rstd = a.rstd[task];
-    const float shift_hat = -mean * rstd;  // xhat = x * rstd + shift_hat
     float sum_gdz = 0.0f, sum_gdz_xhat = 0.0f;
     for (int64_t cl = 0; cl < Cg; ++cl) {
       const int64_t c = g * Cg + cl;
       const int64_t off = (n * C + c) * S;
       const float w = a.weight[c];
       float sdz = 0.0f, sdzx = 0.0f;
-      row_grad_sums<T, kAct>(x + off, dy + off, S, rstd, shift_hat, w, a.bias[c], &sdz, &sdzx);
+      row_grad_sums<T, kAct>(x + off, dy + off, S, rstd, mean, w, a.bias[c], &sdz, &sdzx);
       part_db[n * C + c] = sdz;
       part_dw[n * C + c] = sdzx;
       sum_gdz += w * sdz;
@@ -257,7 +262,7 @@ void backward_ncs(const GroupNormBackwardArgs& a) {
     for (int64_t cl = 0; cl < Cg; ++cl) {
       const int64_t c = g * Cg + cl;
       const int64_t off = (n * C + c) * S;
-      row_grad_input<T, kAct>(x + off, dy + off, dx + off, S, rstd, shift_hat, a.weight[c], a.bias[c], c1, c2);
+      row_grad_input<T, kAct>(x + off, dy + off, dx + off, S, rstd, mean, a.weight[c], a.bias[c], c1, c2);
     }
   });
   for (int64_t c = 0; c < C; ++c) {
@@ -272,14 +277,14 @@ void backward_ncs(const GroupNormBackwardArgs& a) {
 }
 
 // ----------------------------------------------------------------- backward, NSC layout
-// One spatial position: per-channel partial sums of dz and dz * xhat (xhat = x * r + h).
+// One spatial position: per-channel partial sums of dz and dz * xhat (xhat = (x - h) * r).
 template <typename T, bool kAct>
 void position_grad_sums(const T* __restrict x, const T* __restrict dy, const float* __restrict r,
                         const float* __restrict h, const float* __restrict w, const float* __restrict b, int64_t C,
                         float* __restrict sum_dz, float* __restrict sum_dz_xhat) {
 #pragma omp simd
   for (int64_t c = 0; c < C; ++c) {
-    const float xhat = load_value(x, c) * r[c] + h[c];
+    const float xhat = (load_value(x, c) - h[c]) * r[c];
     const float dz = load_value(dy, c) * act_grad(w[c] * xhat + b[c], kAct);
     sum_dz[c] += dz;
     sum_dz_xhat[c] += dz * xhat;
@@ -293,7 +298,7 @@ void position_grad_input(const T* __restrict x, const T* __restrict dy, T* __res
                          const float* __restrict k1, const float* __restrict k2, int64_t C) {
 #pragma omp simd
   for (int64_t c = 0; c < C; ++c) {
-    const float xhat = load_value(x, c) * r[c] + h[c];
+    const float xhat = (load_value(x, c) - h[c]) * r[c];
     const float dz = load_value(dy, c) * act_grad(w[c] * xhat + b[c], kAct);
     store_value(dx, c, r[c] * (w[c] * dz - k1[c] - xhat * k2[c]));
   }
@@ -307,13 +312,13 @@ void backward_nsc(const GroupNormBackwardArgs& a) {
   T* dx = static_cast<T*>(a.grad_x);
   const int64_t P = nsc_positions(C, S);
   const int64_t chunks = (S + P - 1) / P;
-  // Per-(n, c) xhat coefficients: xhat = x * rs + sh.
+  // Per-(n, c) xhat coefficients: xhat = (x - sh) * rs.
   std::vector<float> rs(N * C), sh(N * C);
   for (int64_t n = 0; n < N; ++n)
     for (int64_t c = 0; c < C; ++c) {
       const int64_t g = c / Cg;
       rs[n * C + c] = a.rstd[n * G + g];
-      sh[n * C + c] = -a.mean[n * G + g] * a.rstd[n * G + g];
+      sh[n * C + c] = a.mean[n * G + g];
     }
   std::vector<float> part_dz(N * chunks * C), part_dzx(N * chunks * C);
   parallel_for(N * chunks, a.num_threads, [&](int64_t task) {

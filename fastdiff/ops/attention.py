@@ -59,6 +59,25 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return torch.matmul(probs, v), lse
 
 
+def attention_backward_reference(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                 out: torch.Tensor, lse: torch.Tensor, scale: float):
+    """Pure-torch backward from the saved (out, lse); returns (grad_q, grad_k, grad_v).
+
+        P = exp(scale q k^T - lse),  dV = P^T dO,  dP = dO V^T,
+        dS = P (dP - rowsum(dO * O)),  dQ = scale dS K,  dK = scale dS^T Q
+    """
+    dtype = lse.dtype
+    q, k, v, out, grad_out = (t.to(dtype) for t in (q, k, v, out, grad_out))
+    probs = torch.exp(torch.matmul(q, k.transpose(-1, -2)) * scale - lse.unsqueeze(-1))
+    grad_v = torch.matmul(probs.transpose(-1, -2), grad_out)
+    grad_probs = torch.matmul(grad_out, v.transpose(-1, -2))
+    delta = (grad_out * out).sum(-1, keepdim=True)
+    grad_scores = probs * (grad_probs - delta)
+    grad_q = torch.matmul(grad_scores, k) * scale
+    grad_k = torch.matmul(grad_scores.transpose(-1, -2), q) * scale
+    return grad_q, grad_k, grad_v
+
+
 # --------------------------------------------------------------------------- native
 def _strides(t: torch.Tensor):
     """(batch, head, position) strides of a (B, H, L, D) tensor with a dense head dim."""
@@ -107,11 +126,8 @@ def _attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
                    out: torch.Tensor, lse: torch.Tensor, scale: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (grad_q, grad_k, grad_v), contiguous, in q's dtype."""
     if not _use_native(q):
-        with torch.enable_grad():
-            qr, kr, vr = (t.detach().requires_grad_(True) for t in (q, k, v))
-            ref, _ = attention_reference(qr, kr, vr, scale)
-            grads = torch.autograd.grad(ref, (qr, kr, vr), grad_out)
-        return tuple(g.contiguous() for g in grads)
+        grads = attention_backward_reference(grad_out, q, k, v, out, lse, scale)
+        return tuple(g.to(t.dtype).contiguous() for g, t in zip(grads, (q, k, v)))
     grad_out = _dense_head_dim(grad_out.to(q.dtype))
     q, k, v = _dense_head_dim(q), _dense_head_dim(k), _dense_head_dim(v)
     out = out.contiguous()

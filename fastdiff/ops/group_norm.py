@@ -74,6 +74,38 @@ def group_norm_silu_reference(x: torch.Tensor, num_groups: int, weight: Optional
     return y, mean, rstd
 
 
+def group_norm_silu_backward_reference(grad_y: torch.Tensor, x: torch.Tensor, num_groups: int,
+                                       weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                                       mean: torch.Tensor, rstd: torch.Tensor, act: bool = True):
+    """Pure-torch backward from the saved (mean, rstd); returns (grad_x, grad_weight, grad_bias).
+
+    With xhat = (x - mean) rstd, z = w xhat + b, y = silu(z):
+        dz = dy silu'(z),  grad_bias = sum dz,  grad_weight = sum dz xhat  (over N and space)
+        grad_x = rstd (w dz - mean_g(w dz) - xhat mean_g(w dz xhat))
+    """
+    n, c = x.shape[0], x.shape[1]
+    dtype = mean.dtype
+    xg = x.to(dtype).reshape(n, num_groups, -1)
+    xhat = ((xg - mean.unsqueeze(-1)) * rstd.unsqueeze(-1)).reshape(x.shape)
+    shape = (1, c) + (1,) * (x.dim() - 2)
+    w = weight.to(dtype).reshape(shape) if weight is not None else torch.ones(shape, dtype=dtype, device=x.device)
+    z = xhat * w + (bias.to(dtype).reshape(shape) if bias is not None else 0.0)
+    dy = grad_y.to(dtype)
+    if act:
+        s = torch.sigmoid(z)
+        dz = dy * s * (1.0 + z * (1.0 - s))
+    else:
+        dz = dy
+    reduce_dims = [0] + list(range(2, x.dim()))
+    grad_bias = dz.sum(reduce_dims)
+    grad_weight = (dz * xhat).sum(reduce_dims)
+    dxhat = (dz * w).reshape(n, num_groups, -1)
+    xhat_g = xhat.reshape(n, num_groups, -1)
+    grad_x = rstd.unsqueeze(-1) * (dxhat - dxhat.mean(-1, keepdim=True)
+                                   - xhat_g * (dxhat * xhat_g).mean(-1, keepdim=True))
+    return grad_x.reshape(x.shape), grad_weight, grad_bias
+
+
 # --------------------------------------------------------------------------- layout
 def _layout(x3: torch.Tensor) -> Optional[bool]:
     """For a (N, C, S) tensor: False if NCS-dense, True if NSC-dense, None otherwise."""
@@ -148,16 +180,10 @@ def _group_norm_silu_bwd(grad_y: torch.Tensor, x: torch.Tensor, weight: Optional
     (float64 for float64 x) whether or not the op has an affine."""
     n, c, s = x.shape
     if not _use_native(x):
-        # Reference: autograd of the reference forward (recomputes the statistics).
-        with torch.enable_grad():
-            xr = x.detach().requires_grad_(True)
-            wr = _affine(weight, c, 1.0, x, _stats_dtype(x.dtype)).requires_grad_(True)
-            br = _affine(bias, c, 0.0, x, _stats_dtype(x.dtype)).requires_grad_(True)
-            y, _, _ = group_norm_silu_reference(xr, num_groups, wr, br, eps, act)
-            gx, gw, gb = torch.autograd.grad(y, (xr, wr, br), grad_y)
+        gx, gw, gb = group_norm_silu_backward_reference(grad_y, x, num_groups, weight, bias, mean, rstd, act)
         out = _empty_in_layout(x, x.dtype)
         out.copy_(gx)
-        return out, gw.contiguous(), gb.contiguous()
+        return out, gw.to(_stats_dtype(x.dtype)).contiguous(), gb.to(_stats_dtype(x.dtype)).contiguous()
     if _layout(grad_y) != _layout(x) or grad_y.dtype != x.dtype:
         grad_y = grad_y.to(x.dtype).transpose(1, 2).contiguous().transpose(1, 2) if _layout(x) else \
             grad_y.to(x.dtype).contiguous()
