@@ -10,9 +10,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CXX = shutil.which(os.environ.get("CXX", "g++"))
 
 
-def _build_and_run(tmp_path, harness: str, sources):
+def _build_and_run(tmp_path, harness: str, sources, march: str = "native"):
     exe = tmp_path / "harness"
-    cmd = [CXX, "-std=c++17", "-O1", "-g", "-march=native", "-fopenmp", "-fsanitize=address,undefined",
+    cmd = [CXX, "-std=c++17", "-O1", "-g", f"-march={march}", "-fopenmp", "-fsanitize=address,undefined",
            "-fno-omit-frame-pointer", "-fno-sanitize-recover=undefined", f"-I{ROOT}/csrc",
            os.path.join(ROOT, "tests", "native", harness), *[os.path.join(ROOT, s) for s in sources],
            "-o", str(exe)]
@@ -27,5 +27,8 @@ def _build_and_run(tmp_path, harness: str, sources):
 
 @pytest.mark.skipif(CXX is None or not os.path.isdir(os.path.join(ROOT, "csrc")),
                     reason="needs a C++ compiler and the source tree")
-def test_sampler_step_in_bounds(tmp_path):
-    _build_and_run(tmp_path, "sampler_step_bounds.cpp", ["csrc/cpu/sampler_step.cpp"])
+@pytest.mark.parametrize("march", ["native", "x86-64"])  # the vector paths and the portable build
+def test_sampler_step_in_bounds(tmp_path, march):
+    if march == "x86-64" and os.uname().machine != "x86_64":
+        pytest.skip("portable x86-64 build only on x86-64")
+    _build_and_run(tmp_path, "sampler_step_bounds.cpp", ["csrc/cpu/sampler_step.cpp"], march)
