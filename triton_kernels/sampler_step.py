@@ -170,6 +170,27 @@ def _normal_kernel(
     tl.store(y_ptr + sample64 * numel + offs, z.to(y_ptr.dtype.element_ty), mask=offs < numel)
 
 
+@triton.jit
+def _philox_bits_kernel(
+    c_ptr,            # in,  (4, n) int64 counters holding uint32 values
+    r_ptr,            # out, (4, n) int64: the Philox words (uint32 values)
+    key_lo, key_hi, n,
+    BLOCK: tl.constexpr,
+):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    c0 = tl.load(c_ptr + offs, mask=mask, other=0).to(tl.uint32)
+    c1 = tl.load(c_ptr + n + offs, mask=mask, other=0).to(tl.uint32)
+    c2 = tl.load(c_ptr + 2 * n + offs, mask=mask, other=0).to(tl.uint32)
+    c3 = tl.load(c_ptr + 3 * n + offs, mask=mask, other=0).to(tl.uint32)
+    r0, r1, r2, r3 = _philox4x32_10(c0, c1, c2, c3, key_lo.to(tl.int64).to(tl.uint32),
+                                    key_hi.to(tl.int64).to(tl.uint32))
+    tl.store(r_ptr + offs, r0.to(tl.int64), mask=mask)
+    tl.store(r_ptr + n + offs, r1.to(tl.int64), mask=mask)
+    tl.store(r_ptr + 2 * n + offs, r2.to(tl.int64), mask=mask)
+    tl.store(r_ptr + 3 * n + offs, r3.to(tl.int64), mask=mask)
+
+
 # --------------------------------------------------------------------------- launchers
 def _prepare(x_t: torch.Tensor, model_output: torch.Tensor, variance_mode: int):
     """Dense x and an output whose samples are dense rows; returns (x, out, numel, out_stride)."""
@@ -254,3 +275,14 @@ def randn_triton(shape: Tuple[int, ...], seed: int, step: int, sample_offset: in
         _normal_kernel[(batch * blocks,)](y, int(step), seed & _MASK32, seed >> 32, int(sample_offset), numel,
                                           blocks, BLOCK=BLOCK, num_warps=4)
     return y
+
+
+def philox_bits_triton(counters: torch.Tensor, key: int) -> torch.Tensor:
+    """The raw Philox4x32-10 words of the kernels' generator: counters (4, n) int64 holding uint32
+    values -> (4, n) int64 (for tests against the Random123 answers and the reference)."""
+    counters = counters.to(torch.int64).contiguous()
+    n = counters.shape[1]
+    out = torch.empty_like(counters)
+    if n:
+        _philox_bits_kernel[(triton.cdiv(n, 256),)](counters, out, key & _MASK32, key >> 32, n, BLOCK=256)
+    return out
