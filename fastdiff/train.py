@@ -512,7 +512,9 @@ def train(config: TrainConfig) -> TrainResult:
     bar = None
     if config.progress and rank == 0:
         from tqdm.auto import tqdm
-        bar = tqdm(total=config.steps, initial=start_step, desc="train", dynamic_ncols=True)
+        # a run bounded by the clock (the demo) has no meaningful step total
+        total = config.steps if config.max_minutes is None or config.steps < 10 ** 6 else None
+        bar = tqdm(total=total, initial=start_step, desc="train", dynamic_ncols=True, mininterval=1.0)
     model.train()
     try:
         while step < config.steps:
