@@ -444,6 +444,8 @@ def train(config: TrainConfig) -> TrainResult:
                 setattr(saved, name, getattr(config, name))
             config = saved.validate()
             start_step = int(record["step"])
+    elif read_checkpoint_record(out, missing_ok=True) is not None:
+        _log(f"note: {out} holds a checkpoint; starting from scratch over it (--resume continues it)", rank)
 
     dataset = load_dataset(config.data, image_size=config.image_size, train=True, seed=0, n=config.dataset_size)
     torch.manual_seed(config.seed)
