@@ -52,14 +52,24 @@ void load_rows(const T* src, int64_t stride, int64_t n, int64_t D, float scale, 
   std::fill(dst + n * kD, dst + int64_t(rows) * kD, 0.0f);
 }
 
-// rows (n x D) -> dst (kD x kBlockK), transposed, zero padded.
-template <typename T, int kD>
-void load_rows_transposed(const T* src, int64_t stride, int64_t n, int64_t D, float* dst) {
-  std::fill(dst, dst + kD * kBlockK, 0.0f);
+// rows (n x D) -> dst (kD x kWidth), transposed, scaled, zero padded.
+template <typename T, int kD, int kWidth = kBlockK>
+void load_rows_transposed(const T* src, int64_t stride, int64_t n, int64_t D, float* dst, float scale = 1.0f) {
+  if (n < kWidth || D < kD) std::fill(dst, dst + kD * kWidth, 0.0f);
   for (int64_t r = 0; r < n; ++r) {
     const T* s = src + r * stride;
-    for (int64_t c = 0; c < D; ++c) dst[c * kBlockK + r] = load_value(s, c);
+    for (int64_t c = 0; c < D; ++c) dst[c * kWidth + r] = load_value(s, c) * scale;
   }
+}
+
+// A (kBlockK x kD) block of rows for the kernels: the tensor itself when it is fp32 with
+// rows of exactly kD and the block is full, otherwise a zero-padded fp32 copy in `buf`.
+template <typename T, int kD>
+const float* block_rows(const T* src, int64_t stride, int64_t n, int64_t D, float* buf) {
+  if (std::is_same<T, float>::value && D == kD && stride == kD && n == kBlockK)
+    return reinterpret_cast<const float*>(src);
+  load_rows<T, kD>(src, stride, n, D, 1.0f, kBlockK, buf);
+  return buf;
 }
 
 // C (M x W) (+)= A (M x K) * B (K x W), all compile-time sizes, fp32 scratch tiles.
@@ -96,6 +106,10 @@ void gemm_tile(const float* __restrict a, const float* __restrict b, float* __re
 }
 
 // ---------------------------------------------------------------------------- forward
+// The score tile is kept transposed, S^T = K (scale Q)^T (keys x queries), so the online
+// softmax runs down the key axis with the query index innermost: row max, exp and row
+// sum vectorise across 16 queries with no horizontal reductions, and K, V are used as
+// stored (row-major) while Q is transposed once per task.
 template <typename T, int kD>
 void forward(const AttentionArgs& a) {
   const int64_t H = a.heads, Lq = a.len_q, Lk = a.len_k, D = a.head_dim;
@@ -107,15 +121,16 @@ void forward(const AttentionArgs& a) {
   parallel_for(a.batch * H * q_blocks, a.num_threads, [&](int64_t task) {
     const int64_t bh = task / q_blocks, b = bh / H, h = bh % H;
     const int64_t q0 = (task % q_blocks) * kBlockQ, nq = std::min<int64_t>(kBlockQ, Lq - q0);
-    float* qs = scratch(2 * kBlockQ * kD + 2 * kBlockK * kD + kBlockQ * kBlockK + 2 * kBlockQ);
-    float* o = qs + kBlockQ * kD;        // (kBlockQ, kD) unnormalised output
-    float* kt = o + kBlockQ * kD;        // (kD, kBlockK) keys, transposed
-    float* vs = kt + kD * kBlockK;       // (kBlockK, kD) values
-    float* s = vs + kBlockK * kD;        // (kBlockQ, kBlockK) scores, then probabilities
-    float* m = s + kBlockQ * kBlockK;    // (kBlockQ,) running max
-    float* l = m + kBlockQ;              // (kBlockQ,) running sum
-    load_rows<T, kD>(q + b * a.q_stride[0] + h * a.q_stride[1] + q0 * a.q_stride[2], a.q_stride[2], nq, D,
-                     a.scale, kBlockQ, qs);
+    float* qt = scratch(2 * kBlockQ * kD + 2 * kBlockK * kD + kBlockK * kBlockQ + 3 * kBlockQ);
+    float* o = qt + kD * kBlockQ;      // (kBlockQ, kD) unnormalised output
+    float* kbuf = o + kBlockQ * kD;    // (kBlockK, kD) keys, when not read in place
+    float* vbuf = kbuf + kBlockK * kD;  // (kBlockK, kD) values, when not read in place
+    float* st = vbuf + kBlockK * kD;   // (kBlockK, kBlockQ) scores, then probabilities
+    float* m = st + kBlockK * kBlockQ;  // (kBlockQ,) running max
+    float* l = m + kBlockQ;             // (kBlockQ,) running sum
+    float* alpha = l + kBlockQ;         // (kBlockQ,) rescaling of the old accumulator
+    load_rows_transposed<T, kD, kBlockQ>(q + b * a.q_stride[0] + h * a.q_stride[1] + q0 * a.q_stride[2],
+                                         a.q_stride[2], nq, D, qt, a.scale);
     std::fill(o, o + kBlockQ * kD, 0.0f);
     std::fill(m, m + kBlockQ, -INFINITY);
     std::fill(l, l + kBlockQ, 0.0f);
@@ -123,31 +138,45 @@ void forward(const AttentionArgs& a) {
     const T* vb = v + b * a.v_stride[0] + h * a.v_stride[1];
     for (int64_t k0 = 0; k0 < Lk; k0 += kBlockK) {
       const int64_t nk = std::min<int64_t>(kBlockK, Lk - k0);
-      load_rows_transposed<T, kD>(kb + k0 * a.k_stride[2], a.k_stride[2], nk, D, kt);
-      load_rows<T, kD>(vb + k0 * a.v_stride[2], a.v_stride[2], nk, D, 1.0f, kBlockK, vs);
-      // S = (scale Q) K^T, then one online-softmax step per row; padding keys get p = 0.
-      gemm_tile<kBlockQ, kD, kBlockK, kD, 1, kBlockK, kBlockK, false>(qs, kt, s);
-      for (int64_t i = 0; i < nq; ++i) {
-        float* si = s + i * kBlockK;
-        float row_max = m[i];
-#pragma omp simd reduction(max : row_max)
-        for (int j = 0; j < kBlockK; ++j) row_max = std::max(row_max, j < nk ? si[j] : -INFINITY);
-        const float alpha = exp_approx(m[i] - row_max);  // 0 on the first block (m = -inf)
-        float row_sum = 0.0f;
-#pragma omp simd reduction(+ : row_sum)
-        for (int j = 0; j < kBlockK; ++j) {
-          const float p = j < nk ? exp_approx(si[j] - row_max) : 0.0f;
-          si[j] = p;
-          row_sum += p;
-        }
-        m[i] = row_max;
-        l[i] = l[i] * alpha + row_sum;
-        float* oi = o + i * kD;
+      const float* ks = block_rows<T, kD>(kb + k0 * a.k_stride[2], a.k_stride[2], nk, D, kbuf);
+      const float* vs = block_rows<T, kD>(vb + k0 * a.v_stride[2], a.v_stride[2], nk, D, vbuf);
+      gemm_tile<kBlockK, kD, kBlockQ, kD, 1, kBlockQ, kBlockQ, false>(ks, qt, st);  // S^T
+      float new_max[kBlockQ], row_sum[kBlockQ];
 #pragma omp simd
-        for (int d = 0; d < kD; ++d) oi[d] *= alpha;
+      for (int i = 0; i < kBlockQ; ++i) {
+        new_max[i] = m[i];
+        row_sum[i] = 0.0f;
       }
-      // O += P V (rows past nq hold junk that is never stored).
-      gemm_tile<kBlockQ, kBlockK, kD, kBlockK, 1, kD, kD, true>(s, vs, o);
+      for (int64_t j = 0; j < nk; ++j) {
+        const float* sj = st + j * kBlockQ;
+#pragma omp simd
+        for (int i = 0; i < kBlockQ; ++i) new_max[i] = std::max(new_max[i], sj[i]);
+      }
+#pragma omp simd
+      for (int i = 0; i < kBlockQ; ++i) {
+        alpha[i] = exp_approx(m[i] - new_max[i]);  // 0 on the first block (m = -inf)
+        m[i] = new_max[i];
+      }
+      for (int64_t j = 0; j < nk; ++j) {
+        float* sj = st + j * kBlockQ;
+#pragma omp simd
+        for (int i = 0; i < kBlockQ; ++i) {
+          const float p = exp_approx(sj[i] - new_max[i]);
+          sj[i] = p;
+          row_sum[i] += p;
+        }
+      }
+      std::fill(st + nk * kBlockQ, st + kBlockK * kBlockQ, 0.0f);  // padding keys: p = 0
+#pragma omp simd
+      for (int i = 0; i < kBlockQ; ++i) l[i] = l[i] * alpha[i] + row_sum[i];
+      for (int i = 0; i < kBlockQ; ++i) {
+        float* oi = o + i * kD;
+        const float ai = alpha[i];
+#pragma omp simd
+        for (int d = 0; d < kD; ++d) oi[d] *= ai;
+      }
+      // O += P V, P read through S^T (A(i, j) = st[j * kBlockQ + i]).
+      gemm_tile<kBlockQ, kBlockK, kD, 1, kBlockQ, kD, kD, true>(st, vs, o);
     }
     T* ob = out + ((b * H + h) * Lq + q0) * D;
     float* lse = a.lse + (b * H + h) * Lq + q0;
