@@ -1,0 +1,107 @@
+// fastdiff._C_cuda: the CUDA kernels behind a raw-pointer interface (a module separate from
+// fastdiff._C, so that a CUDA build problem never takes the CPU core down). Pointers are
+// device addresses (tensor.data_ptr()), `stream` is torch.cuda.current_stream().cuda_stream;
+// fastdiff/triton_kernels/cuda_native.py checks the tensors and calls these.
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+#include "cuda/kernels.h"
+
+namespace py = pybind11;
+using namespace fastdiff_cuda;
+
+namespace {
+
+template <typename T>
+T* ptr(uintptr_t p) {
+  return reinterpret_cast<T*>(p);
+}
+
+cudaStream_t as_stream(uintptr_t s) { return reinterpret_cast<cudaStream_t>(s); }
+
+void check(cudaError_t err, const char* what) {
+  if (err != cudaSuccess) throw std::runtime_error(std::string(what) + ": " + cudaGetErrorString(err));
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C_cuda, m) {
+  m.doc() = "fastdiff CUDA kernels (raw-pointer interface; see fastdiff.triton_kernels.cuda_native)";
+  m.attr("STORAGE_F32") = static_cast<int>(kF32);
+  m.attr("STORAGE_F16") = static_cast<int>(kF16);
+  m.attr("STORAGE_BF16") = static_cast<int>(kBF16);
+  m.attr("STORAGE_F64") = static_cast<int>(kF64);
+
+  m.def("device_count", []() {
+    int n = 0;
+    return cudaGetDeviceCount(&n) == cudaSuccess ? n : 0;
+  });
+
+  m.def(
+      "sampler_step",
+      [](uintptr_t x, uintptr_t model_output, uintptr_t y, uintptr_t coef_table, uintptr_t step_index,
+         int64_t batch, int64_t numel, int64_t out_stride, double a1, double a2, double c1, double c2,
+         double sigma, double min_log, double max_log, uint64_t seed, uint32_t step, uint32_t sample_offset,
+         bool clip, int variance_mode, int storage, uintptr_t stream) {
+        SamplerStepArgs a{ptr<const void>(x), ptr<const void>(model_output), ptr<void>(y),
+                          ptr<const double>(coef_table), ptr<const int64_t>(step_index), batch, numel, out_stride,
+                          a1, a2, c1, c2, sigma, min_log, max_log, seed, step, sample_offset, clip,
+                          variance_mode, storage};
+        py::gil_scoped_release release;
+        check(fastdiff_cuda::sampler_step(a, as_stream(stream)), "sampler_step");
+      },
+      py::arg("x"), py::arg("model_output"), py::arg("y"), py::arg("coef_table"), py::arg("step_index"),
+      py::arg("batch"), py::arg("numel"), py::arg("out_stride"), py::arg("a1"), py::arg("a2"), py::arg("c1"),
+      py::arg("c2"), py::arg("sigma"), py::arg("min_log"), py::arg("max_log"), py::arg("seed"), py::arg("step"),
+      py::arg("sample_offset"), py::arg("clip"), py::arg("variance_mode"), py::arg("storage"), py::arg("stream"));
+
+  m.def(
+      "philox_normal",
+      [](uintptr_t y, int64_t batch, int64_t numel, uint64_t seed, uint32_t step, uint32_t sample_offset,
+         int storage, uintptr_t stream) {
+        py::gil_scoped_release release;
+        check(fastdiff_cuda::philox_normal(ptr<void>(y), batch, numel, seed, step, sample_offset, storage,
+                                           as_stream(stream)),
+              "philox_normal");
+      },
+      py::arg("y"), py::arg("batch"), py::arg("numel"), py::arg("seed"), py::arg("step"), py::arg("sample_offset"),
+      py::arg("storage"), py::arg("stream"));
+
+  m.def("group_norm_splits", &fastdiff_cuda::group_norm_splits, py::arg("n"), py::arg("c"), py::arg("s"),
+        py::arg("channels_last"));
+
+  m.def(
+      "group_norm_silu_forward",
+      [](uintptr_t x, uintptr_t weight, uintptr_t bias, uintptr_t y, uintptr_t mean, uintptr_t rstd,
+         uintptr_t workspace, int64_t n, int64_t c, int64_t s, int64_t groups, int64_t splits, double eps,
+         bool channels_last, bool act, int storage, uintptr_t stream) {
+        GroupNormArgs a{ptr<const void>(x), ptr<const float>(weight), ptr<const float>(bias), ptr<void>(y),
+                        ptr<float>(mean), ptr<float>(rstd), ptr<float>(workspace), n, c, s, groups, splits, eps,
+                        channels_last, act, storage};
+        py::gil_scoped_release release;
+        check(fastdiff_cuda::group_norm_silu_forward(a, as_stream(stream)), "group_norm_silu_forward");
+      },
+      py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("y"), py::arg("mean"), py::arg("rstd"),
+      py::arg("workspace"), py::arg("n"), py::arg("c"), py::arg("s"), py::arg("groups"), py::arg("splits"),
+      py::arg("eps"), py::arg("channels_last"), py::arg("act"), py::arg("storage"), py::arg("stream"));
+
+  m.def(
+      "group_norm_silu_backward",
+      [](uintptr_t grad_y, uintptr_t x, uintptr_t weight, uintptr_t bias, uintptr_t mean, uintptr_t rstd,
+         uintptr_t grad_x, uintptr_t grad_weight, uintptr_t grad_bias, uintptr_t workspace, int64_t n, int64_t c,
+         int64_t s, int64_t groups, int64_t splits, bool channels_last, bool act, int storage, uintptr_t stream) {
+        GroupNormBackwardArgs a{ptr<const void>(grad_y), ptr<const void>(x), ptr<const float>(weight),
+                                ptr<const float>(bias), ptr<const float>(mean), ptr<const float>(rstd),
+                                ptr<void>(grad_x), ptr<float>(grad_weight), ptr<float>(grad_bias),
+                                ptr<float>(workspace), n, c, s, groups, splits, channels_last, act, storage};
+        py::gil_scoped_release release;
+        check(fastdiff_cuda::group_norm_silu_backward(a, as_stream(stream)), "group_norm_silu_backward");
+      },
+      py::arg("grad_y"), py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("mean"), py::arg("rstd"),
+      py::arg("grad_x"), py::arg("grad_weight"), py::arg("grad_bias"), py::arg("workspace"), py::arg("n"),
+      py::arg("c"), py::arg("s"), py::arg("groups"), py::arg("splits"), py::arg("channels_last"), py::arg("act"),
+      py::arg("storage"), py::arg("stream"));
+}

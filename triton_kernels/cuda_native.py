@@ -1,0 +1,163 @@
+"""Python side of the CUDA C++ kernels (module fastdiff._C_cuda, csrc/cuda/).
+
+The same launcher signatures as the Triton kernels (triton_kernels/sampler_step.py and
+group_norm_silu.py), so tests and benchmarks can swap one for the other. Inputs are
+assumed checked by the custom ops; these functions make them dense, allocate outputs and
+workspaces on the tensors' device, and pass raw pointers and torch's current stream.
+
+`available()` says whether the module was built (a CUDA toolkit at build time) and a GPU
+is visible.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple
+
+import torch
+
+try:
+    from fastdiff import _C_cuda as lib  # type: ignore[attr-defined]
+except ImportError:  # built without a CUDA toolkit (FASTDIFF_CUDA=OFF or none found)
+    lib = None
+
+_MASK32 = 0xFFFFFFFF
+
+
+def built() -> bool:
+    return lib is not None
+
+
+def available() -> bool:
+    return lib is not None and torch.cuda.is_available()
+
+
+def _storage(dtype: torch.dtype) -> int:
+    table = {torch.float32: lib.STORAGE_F32, torch.float16: lib.STORAGE_F16, torch.bfloat16: lib.STORAGE_BF16,
+             torch.float64: lib.STORAGE_F64}
+    if dtype not in table:
+        raise TypeError(f"CUDA kernels store fp32, fp16, bf16 or fp64, got {dtype}")
+    return table[dtype]
+
+
+def _stream(t: torch.Tensor) -> int:
+    return torch.cuda.current_stream(t.device).cuda_stream
+
+
+def _check_cuda(*tensors: torch.Tensor) -> None:
+    if lib is None:
+        raise RuntimeError("fastdiff._C_cuda is not built (install with a CUDA toolkit, FASTDIFF_CUDA=AUTO|ON)")
+    for t in tensors:
+        if t.device.type != "cuda":
+            raise ValueError(f"the CUDA kernels need CUDA tensors, got one on {t.device}")
+
+
+# --------------------------------------------------------------------------- sampler_step
+def _step(x_t, model_output, coefs, coef_table, step_index, seed, step, sample_offset, clip, mode):
+    _check_cuda(x_t, model_output)
+    x = x_t.contiguous()
+    out = model_output.contiguous()
+    batch = x.shape[0]
+    numel = x[0].numel() if batch else 0
+    y = torch.empty_like(x)
+    a1, a2, c1, c2, sigma, min_log, max_log = [float(c) for c in coefs]
+    lib.sampler_step(x=x.data_ptr(), model_output=out.data_ptr(), y=y.data_ptr(),
+                     coef_table=coef_table.data_ptr() if coef_table is not None else 0,
+                     step_index=step_index.data_ptr() if step_index is not None else 0, batch=batch, numel=numel,
+                     out_stride=out[0].numel() if batch else 0, a1=a1, a2=a2, c1=c1, c2=c2, sigma=sigma,
+                     min_log=min_log, max_log=max_log, seed=int(seed), step=int(step) & _MASK32,
+                     sample_offset=int(sample_offset), clip=bool(clip), variance_mode=int(mode),
+                     storage=_storage(x.dtype), stream=_stream(x))
+    return y
+
+
+def sampler_step_cuda(x_t: torch.Tensor, model_output: torch.Tensor, coefs: Sequence[float], seed: int, step: int,
+                      sample_offset: int, clip_denoised: bool, variance_mode: int) -> torch.Tensor:
+    """As `fastdiff::sampler_step` (and `sampler_step_triton`)."""
+    return _step(x_t, model_output, coefs, None, None, seed, step, sample_offset, clip_denoised, variance_mode)
+
+
+def sampler_step_table_cuda(x_t: torch.Tensor, model_output: torch.Tensor, coef_table: torch.Tensor,
+                            step_index: torch.Tensor, seed: int, sample_offset: int, clip_denoised: bool,
+                            variance_mode: int) -> torch.Tensor:
+    """As `fastdiff::sampler_step_table`: coefficients and Philox step read on the device."""
+    _check_cuda(coef_table, step_index)
+    return _step(x_t, model_output, (0.0,) * 7, coef_table.to(torch.float64).contiguous(), step_index, seed, 0,
+                 sample_offset, clip_denoised, variance_mode)
+
+
+def randn_cuda(shape: Tuple[int, ...], seed: int, step: int, sample_offset: int = 0,
+               dtype: torch.dtype = torch.float32, device="cuda") -> torch.Tensor:
+    y = torch.empty(tuple(shape), dtype=dtype, device=device)
+    _check_cuda(y)
+    batch = y.shape[0] if y.dim() else 0
+    if y.numel():
+        lib.philox_normal(y=y.data_ptr(), batch=batch, numel=y[0].numel(), seed=int(seed), step=int(step) & _MASK32,
+                          sample_offset=int(sample_offset), storage=_storage(dtype), stream=_stream(y))
+    return y
+
+
+# --------------------------------------------------------------------------- group_norm_silu
+def _layout(x3: torch.Tensor) -> bool:
+    if x3.is_contiguous():
+        return False
+    if x3.transpose(1, 2).is_contiguous():
+        return True
+    raise ValueError(f"x must be NCS- or NSC-dense, got strides {x3.stride()} for shape {tuple(x3.shape)}")
+
+
+def _empty_like_layout(x3: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    n, c, s = x3.shape
+    if channels_last:
+        return torch.empty((n, s, c), dtype=x3.dtype, device=x3.device).transpose(1, 2)
+    return torch.empty((n, c, s), dtype=x3.dtype, device=x3.device)
+
+
+def _affine(t: Optional[torch.Tensor], c: int, fill: float, like: torch.Tensor) -> torch.Tensor:
+    if t is None:
+        return torch.full((c,), fill, dtype=torch.float32, device=like.device)
+    return t.detach().to(torch.float32).contiguous()
+
+
+def group_norm_silu_fwd_cuda(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                             num_groups: int, eps: float, act: bool
+                             ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """As `fastdiff::group_norm_silu_fwd` for fp32 / fp16 / bf16 x (N, C, S)."""
+    _check_cuda(x)
+    n, c, s = x.shape
+    channels_last = _layout(x)
+    splits = lib.group_norm_splits(n, c, s, channels_last)
+    workspace = torch.empty((2 * splits * n * c,), dtype=torch.float32, device=x.device)
+    mean = torch.empty((n, num_groups), dtype=torch.float32, device=x.device)
+    rstd = torch.empty_like(mean)
+    y = _empty_like_layout(x, channels_last)
+    w, b = _affine(weight, c, 1.0, x), _affine(bias, c, 0.0, x)
+    lib.group_norm_silu_forward(x=x.data_ptr(), weight=w.data_ptr(), bias=b.data_ptr(), y=y.data_ptr(),
+                                mean=mean.data_ptr(), rstd=rstd.data_ptr(), workspace=workspace.data_ptr(), n=n, c=c,
+                                s=s, groups=num_groups, splits=splits, eps=float(eps), channels_last=channels_last,
+                                act=bool(act), storage=_storage(x.dtype), stream=_stream(x))
+    return y, mean, rstd
+
+
+def group_norm_silu_bwd_cuda(grad_y: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor],
+                             bias: Optional[torch.Tensor], mean: torch.Tensor, rstd: torch.Tensor, num_groups: int,
+                             eps: float, act: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """As `fastdiff::group_norm_silu_bwd`: (grad_x in x's layout, grad_weight, grad_bias fp32)."""
+    _check_cuda(x, grad_y)
+    n, c, s = x.shape
+    channels_last = _layout(x)
+    grad_y = grad_y.to(x.dtype)
+    grad_y = grad_y.transpose(1, 2).contiguous().transpose(1, 2) if channels_last else grad_y.contiguous()
+    splits = lib.group_norm_splits(n, c, s, channels_last)
+    workspace = torch.empty((2 * splits * n * c + 2 * n * num_groups,), dtype=torch.float32, device=x.device)
+    grad_x = _empty_like_layout(x, channels_last)
+    grad_w = torch.empty((c,), dtype=torch.float32, device=x.device)
+    grad_b = torch.empty_like(grad_w)
+    w, b = _affine(weight, c, 1.0, x), _affine(bias, c, 0.0, x)
+    mean = mean.to(torch.float32).contiguous()
+    rstd = rstd.to(torch.float32).contiguous()
+    lib.group_norm_silu_backward(grad_y=grad_y.data_ptr(), x=x.data_ptr(), weight=w.data_ptr(), bias=b.data_ptr(),
+                                 mean=mean.data_ptr(), rstd=rstd.data_ptr(), grad_x=grad_x.data_ptr(),
+                                 grad_weight=grad_w.data_ptr(), grad_bias=grad_b.data_ptr(),
+                                 workspace=workspace.data_ptr(), n=n, c=c, s=s, groups=num_groups, splits=splits,
+                                 channels_last=channels_last, act=bool(act), storage=_storage(x.dtype),
+                                 stream=_stream(x))
+    return grad_x, grad_w, grad_b
