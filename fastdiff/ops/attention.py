@@ -101,6 +101,9 @@ def _use_native(q: torch.Tensor) -> bool:
 def _attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                    scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
     """Returns out (B, H, Lq, D) contiguous and lse (B, H, Lq) (fp32; float64 for float64 q)."""
+    if _backend.resolve(q.device, "attention", has_triton_kernel=True) == "triton":
+        from fastdiff.triton_kernels.attention import attention_fwd_triton
+        return attention_fwd_triton(q, k, v, scale)
     if not _use_native(q):
         out, lse = attention_reference(q, k, v, scale)
         return out.contiguous(), lse.to(_stats_dtype(q.dtype)).contiguous()
@@ -125,6 +128,9 @@ def _(q, k, v, scale):
 def _attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                    out: torch.Tensor, lse: torch.Tensor, scale: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (grad_q, grad_k, grad_v), contiguous, in q's dtype."""
+    if _backend.resolve(q.device, "attention", has_triton_kernel=True) == "triton":
+        from fastdiff.triton_kernels.attention import attention_bwd_triton
+        return attention_bwd_triton(grad_out, q, k, v, out, lse, scale)
     if not _use_native(q):
         grads = attention_backward_reference(grad_out, q, k, v, out, lse, scale)
         return tuple(g.to(t.dtype).contiguous() for g, t in zip(grads, (q, k, v)))

@@ -145,6 +145,9 @@ def _group_norm_silu_fwd(x: torch.Tensor, weight: Optional[torch.Tensor], bias: 
                          num_groups: int, eps: float, act: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x: (N, C, S), NCS- or NSC-dense. Returns y (x's layout), mean and rstd (N, G)."""
     n, c, s = x.shape
+    if _backend.resolve(x.device, "group_norm_silu", has_triton_kernel=True) == "triton":
+        from fastdiff.triton_kernels.group_norm_silu import group_norm_silu_fwd_triton
+        return group_norm_silu_fwd_triton(x, weight, bias, num_groups, eps, act)
     if not _use_native(x):
         y, mean, rstd = group_norm_silu_reference(x, num_groups, weight, bias, eps, act)
         out = _empty_in_layout(x, x.dtype)
@@ -179,6 +182,9 @@ def _group_norm_silu_bwd(grad_y: torch.Tensor, x: torch.Tensor, weight: Optional
     """Returns (grad_x in x's layout, grad_weight (C,), grad_bias (C,)), the latter two in fp32
     (float64 for float64 x) whether or not the op has an affine."""
     n, c, s = x.shape
+    if _backend.resolve(x.device, "group_norm_silu", has_triton_kernel=True) == "triton":
+        from fastdiff.triton_kernels.group_norm_silu import group_norm_silu_bwd_triton
+        return group_norm_silu_bwd_triton(grad_y, x, weight, bias, mean, rstd, num_groups, eps, act)
     if not _use_native(x):
         gx, gw, gb = group_norm_silu_backward_reference(grad_y, x, num_groups, weight, bias, mean, rstd, act)
         out = _empty_in_layout(x, x.dtype)
