@@ -130,3 +130,85 @@ def test_cuda_group_norm_silu_matches_reference(shape, groups, channels_last, dt
     scale = (x3.shape[0] * x3.shape[2]) ** 0.5
     torch.testing.assert_close(gw.cpu().double(), rgw, rtol=4 * tol, atol=4 * tol * scale)
     torch.testing.assert_close(gb.cpu().double(), rgb, rtol=4 * tol, atol=4 * tol * scale)
+
+
+# --------------------------------------------------------------------------- bench/gpu_check.py (CPU parts)
+def _load_bench_module(name):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"_fastdiff_{name}", ROOT / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+gpu_check = _load_bench_module("gpu_check")
+
+
+def test_gpu_check_plan_fits_the_budget(tmp_path):
+    steps = gpu_check.plan(tmp_path)
+    names = [s.name for s in steps]
+    assert names[:3] == ["env", "build", "tests"]
+    assert names[3:] == [f"bench-{g}" for g in gpu_check.BENCH_GROUPS]
+    assert sum(s.timeout_s for s in steps) <= 8 * 60
+    tests = steps[2]
+    assert tests.env["FASTDIFF_TEST_DEVICE"] == "cuda" and "tests/" in tests.cmd
+    assert all(s.json_out and s.json_out.startswith(str(tmp_path)) for s in steps[3:])
+    short = gpu_check.plan(tmp_path, skip_build=True, skip_tests=True, groups=("attention",))
+    assert [s.name for s in short] == ["env", "bench-attention"]
+
+
+def test_gpu_check_arguments(monkeypatch):
+    monkeypatch.setenv("OUT", "/some/out")
+    args = gpu_check.parse_args([])
+    assert args.out == "/some/out" and not args.dry_run and args.bench is None
+    args = gpu_check.parse_args(["--out", "x", "--dry-run", "--bench", "copy", "--bench", "sampling", "--skip-build"])
+    assert (args.out, args.dry_run, args.bench, args.skip_build) == ("x", True, ["copy", "sampling"], True)
+    with pytest.raises(SystemExit):
+        gpu_check.parse_args(["--bench", "nonsense"])
+
+
+def test_gpu_check_dry_run_writes_both_reports(tmp_path):
+    assert gpu_check.main(["--dry-run", "--out", str(tmp_path)]) == 0
+    import json
+
+    payload = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert [s["status"] for s in payload["steps"]] == ["dry-run"] * 8
+    assert payload["meta"]["dry_run"] is True
+    md = (tmp_path / "gpu_check.md").read_text()
+    assert md.startswith("# fastdiff GPU check") and "| bench-sampling | dry-run |" in md
+
+
+def test_gpu_check_step_statuses_and_rows(tmp_path):
+    import json
+
+    rows_file = tmp_path / "rows.json"
+    writer = ("import json, sys; json.dump([{'group': 'g', 'name': 'kernel A', 'ms': 1.5, 'gbs': 3000.0}], "
+              f"open({str(rows_file)!r}, 'w')); print('done')")
+    ok = gpu_check.run_step(gpu_check.Step("bench-g", [sys.executable, "-c", writer], 60, json_out=str(rows_file)),
+                            cwd=tmp_path)
+    assert ok.status == "ok" and ok.returncode == 0 and "done" in ok.output_tail
+    assert ok.rows == [{"group": "g", "name": "kernel A", "ms": 1.5, "gbs": 3000.0}]
+    failed = gpu_check.run_step(gpu_check.Step("f", [sys.executable, "-c", "import sys; print('boom'); sys.exit(3)"],
+                                               60), cwd=tmp_path)
+    assert failed.status == "failed" and failed.returncode == 3 and "boom" in failed.output_tail
+    slow = gpu_check.run_step(gpu_check.Step("t", [sys.executable, "-c", "import time; time.sleep(60)"], 1),
+                              cwd=tmp_path)
+    assert slow.status == "timeout" and slow.seconds < 30
+    paths = gpu_check.write_results(tmp_path / "out", [ok, failed, slow], {"k": "v"})
+    md = paths["markdown"].read_text()
+    assert "| kernel A | 1.5 | 3000 |" in md
+    assert "## f: failed" in md and "boom" in md and "## t: timeout" in md
+    assert json.loads(paths["json"].read_text())["steps"][2]["status"] == "timeout"
+
+
+def test_bench_gpu_cli_without_a_gpu():
+    bench = _load_bench_module("bench_gpu")
+    assert bench.parse_args(["--only", "copy", "--only", "attention"]).only == ["copy", "attention"]
+    assert set(bench.BENCHES) == set(bench.GROUPS) == set(gpu_check.BENCH_GROUPS)
+    listed = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_gpu.py"), "--list"], capture_output=True,
+                            text=True, timeout=120)
+    assert listed.returncode == 0 and listed.stdout.split() == list(bench.GROUPS)
+    if not torch.cuda.is_available():
+        assert bench.main(["--only", "copy"]) == 2
