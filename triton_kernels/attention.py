@@ -26,8 +26,9 @@ import torch
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+_LOG2E = 1.4426950408889634
+LOG2E = tl.constexpr(_LOG2E)  # kernels may only read constexpr globals
+LN2 = tl.constexpr(0.6931471805599453)
 
 
 def _block_sizes(d_pad: int) -> Tuple[int, int]:
@@ -232,7 +233,7 @@ def attention_fwd_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scal
     out = torch.empty((b, h, lq, d), dtype=q.dtype, device=q.device)
     lse = torch.empty((b, h, lq), dtype=torch.float32, device=q.device)
     _attn_fwd_kernel[(triton.cdiv(lq, bm), b * h)](
-        q, k, v, out, lse, *_strides(q, k, v), h, lq, lk, d, float(scale) * LOG2E,
+        q, k, v, out, lse, *_strides(q, k, v), h, lq, lk, d, float(scale) * _LOG2E,
         BLOCK_M=bm, BLOCK_N=bn, D_PAD=d_pad, PRECISION=_precision(q.dtype), num_warps=4 if d_pad <= 64 else 8)
     return out, lse
 
@@ -268,9 +269,9 @@ def attention_bwd_triton(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tenso
                   num_warps=4 if d_pad <= 64 else 8)
     _attn_bwd_dkdv_kernel[(triton.cdiv(lk, bn), b * h)](
         q, k, v, grad_out, lse, delta, grad_k, grad_v, *strides, h, lq, lk, d, float(scale),
-        float(scale) * LOG2E, **common)
+        float(scale) * _LOG2E, **common)
     _attn_bwd_dq_kernel[(triton.cdiv(lq, bm), b * h)](
-        q, k, v, grad_out, lse, delta, grad_q, *strides, h, lq, lk, d, float(scale), float(scale) * LOG2E,
+        q, k, v, grad_out, lse, delta, grad_q, *strides, h, lq, lk, d, float(scale), float(scale) * _LOG2E,
         **common)
     return grad_q, grad_k, grad_v
 

@@ -94,6 +94,7 @@ def _finalize_stats_kernel(
     mean_ptr,         # out, (N, G)
     rstd_ptr,         # out, (N, G)
     N, C, S, G, splits, eps,
+    count,            # S as a float (an int argument may be specialised to a Python constant)
     CHANNELS_LAST: tl.constexpr, BLOCK_CG: tl.constexpr, ACC: tl.constexpr,
 ):
     pid = tl.program_id(0)  # n * G + g
@@ -114,7 +115,7 @@ def _finalize_stats_kernel(
         off = (split * N + n).to(tl.int64) * C + c_offs
         s1 += tl.load(sum_ptr + off, mask=lane_mask, other=0.0)
         s2 += tl.load(sumsq_ptr + off, mask=lane_mask, other=0.0)
-    count = S.to(ACC)
+    # count: fp32 scalar, exact for S < 2^24; fp64 sums promote it
     channel_mean = shift + s1 / count
     channel_m2 = tl.maximum(s2 - s1 * s1 / count, 0.0)
     group_mean = tl.sum(tl.where(lane_mask, channel_mean, 0.0), axis=0) / cg
@@ -309,7 +310,7 @@ def group_norm_silu_fwd_triton(x: torch.Tensor, weight: Optional[torch.Tensor], 
     _partial_stats_kernel[grid](x, part_sum, part_sq, c, s, c_blocks, s_per_split, CHANNELS_LAST=channels_last,
                                 BLOCK_C=block_c, BLOCK_S=block_s, ACC=acc_tl, num_warps=4)
     _finalize_stats_kernel[(n * num_groups,)](x, part_sum, part_sq, mean, rstd, n, c, s, num_groups, splits,
-                                              float(eps), CHANNELS_LAST=channels_last,
+                                              float(eps), float(s), CHANNELS_LAST=channels_last,
                                               BLOCK_CG=triton.next_power_of_2(c // num_groups), ACC=acc_tl,
                                               num_warps=1)
     w = _affine(weight, c, 1.0, x, acc_torch)

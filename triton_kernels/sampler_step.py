@@ -23,12 +23,13 @@ import torch
 import triton
 import triton.language as tl
 
-PHILOX_M0 = 0xD2511F53
-PHILOX_M1 = 0xCD9E8D57
-PHILOX_W0 = 0x9E3779B9
-PHILOX_W1 = 0xBB67AE85
-TWO_PI = 6.283185307179586
-INV_2_24 = 5.9604644775390625e-08  # 2^-24
+# Kernels may only read globals that are constexpr.
+PHILOX_M0 = tl.constexpr(0xD2511F53)
+PHILOX_M1 = tl.constexpr(0xCD9E8D57)
+PHILOX_W0 = tl.constexpr(0x9E3779B9)
+PHILOX_W1 = tl.constexpr(0xBB67AE85)
+TWO_PI = tl.constexpr(6.283185307179586)
+INV_2_24 = tl.constexpr(5.9604644775390625e-08)  # 2^-24
 
 BLOCK = 1024
 _MASK32 = 0xFFFFFFFF
@@ -170,7 +171,7 @@ def _normal_kernel(
     tl.store(y_ptr + sample64 * numel + offs, z.to(y_ptr.dtype.element_ty), mask=offs < numel)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["key_lo", "key_hi"])
 def _philox_bits_kernel(
     c_ptr,            # in,  (4, n) int64 counters holding uint32 values
     r_ptr,            # out, (4, n) int64: the Philox words (uint32 values)
