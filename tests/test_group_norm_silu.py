@@ -269,3 +269,16 @@ def test_float64_runs_the_reference():
 def test_bad_input(call, error, match):
     with pytest.raises(error, match=match):
         call()
+
+
+@native
+def test_silu_saturates_for_extreme_activations():
+    # weight 1e6 pushes z far past exp's range: silu(z) -> z above, -> 0 below, never NaN
+    x, _, _ = _inputs((2, 4, 5, 5), 2)
+    weight = torch.tensor([1e6, -1e6, 1e2, -1e2])
+    bias = torch.tensor([0.0, 1.0, -50.0, 50.0])
+    with use_backend("native"):
+        y = group_norm_silu(x, 2, weight, bias)
+    expected = group_norm_silu_reference(_f64(x), 2, _f64(weight), _f64(bias))[0]
+    assert torch.isfinite(y).all()
+    torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-5)

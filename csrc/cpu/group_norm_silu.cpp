@@ -28,6 +28,15 @@ namespace {
 constexpr int64_t kStatChunk = 4096;
 // Target elements per channels_last task.
 constexpr int64_t kNscTaskElems = 16384;
+// Largest group whose dz the NCS backward keeps between its two passes (256 KiB fp32).
+constexpr int64_t kKeepDzElems = 65536;
+
+// Per-thread scratch, grown on demand and reused across tasks and calls.
+float* scratch_floats(int64_t n) {
+  static thread_local std::vector<float> buffer;
+  if (int64_t(buffer.size()) < n) buffer.resize(n);
+  return buffer.data();
+}
 
 // Running (count, mean, M2) of a group, merged with Chan et al.'s pairwise update.
 struct Moments {
@@ -51,26 +60,37 @@ inline float act_grad(float z, bool act) {
   return s * (1.0f + z * (1.0f - s));
 }
 
-// Moments of a contiguous run, one cache-sized chunk at a time.
+// Moments of a contiguous run, one cache-sized chunk at a time (the second pass over a
+// chunk hits L1). Eight independent partial sums per pass break the add latency chain.
 template <typename T>
-Moments run_moments(const T* x, int64_t len) {
+Moments run_moments(const T* __restrict x, int64_t len) {
+  constexpr int kLanes = 64;
   Moments m;
-  float buf[kStatChunk];
   for (int64_t start = 0; start < len; start += kStatChunk) {
     const int64_t n = std::min(kStatChunk, len - start);
+    const T* __restrict c = x + start;
+    float part[kLanes] = {};
+    const int64_t body = n - n % kLanes;
+    for (int64_t i = 0; i < body; i += kLanes)
+#pragma omp simd
+      for (int l = 0; l < kLanes; ++l) part[l] += load_value(c, i + l);
     float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-    for (int64_t i = 0; i < n; ++i) {
-      buf[i] = load_value(x, start + i);
-      sum += buf[i];
-    }
+    for (int64_t i = body; i < n; ++i) sum += load_value(c, i);
+    for (int l = 0; l < kLanes; ++l) sum += part[l];
     const float chunk_mean = sum / float(n);
+    float sq[kLanes] = {};
+    for (int64_t i = 0; i < body; i += kLanes)
+#pragma omp simd
+      for (int l = 0; l < kLanes; ++l) {
+        const float d = load_value(c, i + l) - chunk_mean;
+        sq[l] += d * d;
+      }
     float m2 = 0.0f;
-#pragma omp simd reduction(+ : m2)
-    for (int64_t i = 0; i < n; ++i) {
-      const float d = buf[i] - chunk_mean;
+    for (int64_t i = body; i < n; ++i) {
+      const float d = load_value(c, i) - chunk_mean;
       m2 += d * d;
     }
+    for (int l = 0; l < kLanes; ++l) m2 += sq[l];
     m.merge(double(n), double(chunk_mean), double(m2));
   }
   return m;
@@ -205,15 +225,17 @@ void forward_nsc(const GroupNormArgs& a) {
 // Inner loops take raw pointers, not lambda captures: GCC otherwise reloads captured
 // pointers per element and vectorises those reloads as gathers.
 
-// One channel row: sums of dz and dz * xhat over its S positions.
-template <typename T, bool kAct>
+// One channel row: sums of dz and dz * xhat over its S positions; with kKeep, dz itself
+// goes to dz_out (a cache-resident scratch) so the second pass needs no second sigmoid.
+template <typename T, bool kAct, bool kKeep>
 void row_grad_sums(const T* __restrict x, const T* __restrict dy, int64_t S, float rstd, float mean,
-                   float w, float b, float* sum_dz, float* sum_dz_xhat) {
+                   float w, float b, float* sum_dz, float* sum_dz_xhat, float* __restrict dz_out) {
   float sdz = 0.0f, sdzx = 0.0f;
 #pragma omp simd reduction(+ : sdz, sdzx)
   for (int64_t s = 0; s < S; ++s) {
     const float xhat = (load_value(x, s) - mean) * rstd;
     const float dz = load_value(dy, s) * act_grad(w * xhat + b, kAct);
+    if (kKeep) dz_out[s] = dz;
     sdz += dz;
     sdzx += dz * xhat;
   }
@@ -221,7 +243,18 @@ void row_grad_sums(const T* __restrict x, const T* __restrict dy, int64_t S, flo
   *sum_dz_xhat = sdzx;
 }
 
-// One channel row of dx = rstd * (w dz - c1 - xhat c2).
+// One channel row of dx = rstd * (w dz - c1 - xhat c2), dz kept by row_grad_sums.
+template <typename T>
+void row_grad_input_kept(const T* __restrict x, const float* __restrict dz, T* __restrict dx, int64_t S,
+                         float rstd, float mean, float w, float c1, float c2) {
+#pragma omp simd
+  for (int64_t s = 0; s < S; ++s) {
+    const float xhat = (load_value(x, s) - mean) * rstd;
+    store_value(dx, s, rstd * (w * dz[s] - c1 - xhat * c2));
+  }
+}
+
+// One channel row of dx = rstd * (w dz - c1 - xhat c2), dz recomputed.
 template <typename T, bool kAct>
 void row_grad_input(const T* __restrict x, const T* __restrict dy, T* __restrict dx, int64_t S, float rstd,
                     float mean, float w, float b, float c1, float c2) {
@@ -242,16 +275,23 @@ void backward_ncs(const GroupNormBackwardArgs& a) {
   const T* dy = static_cast<const T*>(a.grad_y);
   T* dx = static_cast<T*>(a.grad_x);
   std::vector<float> part_dw(N * C), part_db(N * C);
+  // Keep dz between the passes when the group's dz fits in L2 (and SiLU makes it costly).
+  const bool keep = kAct && Cg * S <= kKeepDzElems;
   parallel_for(N * G, a.num_threads, [&](int64_t task) {
     const int64_t n = task / G, g = task % G;
     const float mean = a.mean[task], rstd = a.rstd[task];
+    float* dz_keep = keep ? scratch_floats(Cg * S) : nullptr;
     float sum_gdz = 0.0f, sum_gdz_xhat = 0.0f;
     for (int64_t cl = 0; cl < Cg; ++cl) {
       const int64_t c = g * Cg + cl;
       const int64_t off = (n * C + c) * S;
       const float w = a.weight[c];
       float sdz = 0.0f, sdzx = 0.0f;
-      row_grad_sums<T, kAct>(x + off, dy + off, S, rstd, mean, w, a.bias[c], &sdz, &sdzx);
+      if (keep) {
+        row_grad_sums<T, kAct, true>(x + off, dy + off, S, rstd, mean, w, a.bias[c], &sdz, &sdzx, dz_keep + cl * S);
+      } else {
+        row_grad_sums<T, kAct, false>(x + off, dy + off, S, rstd, mean, w, a.bias[c], &sdz, &sdzx, nullptr);
+      }
       part_db[n * C + c] = sdz;
       part_dw[n * C + c] = sdzx;
       sum_gdz += w * sdz;
@@ -262,7 +302,11 @@ void backward_ncs(const GroupNormBackwardArgs& a) {
     for (int64_t cl = 0; cl < Cg; ++cl) {
       const int64_t c = g * Cg + cl;
       const int64_t off = (n * C + c) * S;
-      row_grad_input<T, kAct>(x + off, dy + off, dx + off, S, rstd, mean, a.weight[c], a.bias[c], c1, c2);
+      if (keep) {
+        row_grad_input_kept<T>(x + off, dz_keep + cl * S, dx + off, S, rstd, mean, a.weight[c], c1, c2);
+      } else {
+        row_grad_input<T, kAct>(x + off, dy + off, dx + off, S, rstd, mean, a.weight[c], a.bias[c], c1, c2);
+      }
     }
   });
   for (int64_t c = 0; c < C; ++c) {

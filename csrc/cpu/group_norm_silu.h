@@ -3,6 +3,7 @@
 //
 // fastdiff/ops/group_norm.py validates every argument; these kernels assume valid input.
 #pragma once
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -80,13 +81,15 @@ inline void store_value(uint16_t* p, int64_t i, float v) { p[i] = float_to_bf16(
 // through the exponent bits. Below -87.3 it returns 0 (callers rely on exp(-inf) = 0);
 // above 88.3 it saturates at about e^88.3 = 2e38 (only sigmoid's e^-z goes there, where
 // 1 / (1 + e^-z) is 0 to within 5e-39 either way). NaN propagates through r.
+// kFlushToZero: return exactly 0 below -87.3 (attention needs exp(-inf) = 0); without it
+// the result saturates at e^-87.3 = 1.2e-38 there, which 1 / (1 + e^-z) cannot tell apart.
+template <bool kFlushToZero = true>
 inline float exp_approx(float x) {
   const float kLog2e = 1.44269504088896341f;
   const float kLn2Hi = 0.693145751953125f;     // ln 2, first 16 bits (exact n * kLn2Hi)
   const float kLn2Lo = 1.428606765330187e-06f;  // ln 2 - kLn2Hi
-  // Ternaries, not std::fmin/fmax: those stay libm calls (NaN rules) and block vectorisation.
-  float xc = x < -87.3f ? -87.3f : x;
-  xc = xc > 88.3f ? 88.3f : xc;
+  // std::max/min map to single vmaxps/vminps (std::fmax/fmin stay libm calls: NaN rules).
+  const float xc = std::min(std::max(x, -87.3f), 88.3f);
   const float n = std::nearbyint(xc * kLog2e);  // in [-126, 127]: 2^n is a normal float
   const float r = (xc - n * kLn2Hi) - n * kLn2Lo;
   float p = 1.0f / 5040.0f;
@@ -98,9 +101,9 @@ inline float exp_approx(float x) {
   p = p * r + 1.0f;
   p = p * r + 1.0f;
   const float result = p * bits_to_float(uint32_t(int32_t(n) + 127) << 23);
-  return x < -87.3f ? 0.0f : result;
+  return kFlushToZero && x < -87.3f ? 0.0f : result;
 }
 
-inline float sigmoid_approx(float z) { return 1.0f / (1.0f + exp_approx(-z)); }
+inline float sigmoid_approx(float z) { return 1.0f / (1.0f + exp_approx<false>(-z)); }
 
 }  // namespace fastdiff
