@@ -39,7 +39,10 @@ class _StaticLoop:
     def __init__(self, model: Callable, x: torch.Tensor, steps: int, *, seed: int, sample_offset: int,
                  clip_denoised: bool, variance: str, mean_only: bool, model_kwargs: dict,
                  split_output: Callable, capture: bool):
-        self.model = model
+        try:  # weakly: the cache is keyed by the model, a strong reference here would keep it alive
+            self._model = weakref.ref(model)
+        except TypeError:
+            self._model = lambda: model
         self.model_kwargs = model_kwargs
         self.split_output = split_output
         self.seed, self.sample_offset = seed, sample_offset
@@ -56,7 +59,7 @@ class _StaticLoop:
         """One reverse step on the static buffers; device work only (what a replay repeats)."""
         batch = self.static_x.shape[0]
         t = self.timestep_map.index_select(0, self.step_index.reshape(1)).expand(batch)
-        out = self.model(self.static_x, t, **self.model_kwargs).to(self.static_x.dtype)
+        out = self._model()(self.static_x, t, **self.model_kwargs).to(self.static_x.dtype)
         mean_part, _ = self.split_output(out, self.static_x)
         new_x = sampler_step_table(self.static_x, mean_part if self.mean_only else out, self.coef_table,
                                    self.step_index, seed=self.seed, sample_offset=self.sample_offset,

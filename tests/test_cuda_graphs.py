@@ -216,3 +216,22 @@ def test_cuda_graph_capture_equals_plain_loop(dtype):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert math.isfinite(graphed.float().abs().max().item())
+
+
+def test_captured_loops_are_cached_per_model_and_shape():
+    import gc
+
+    model = _ToyModel()
+    settings = dict(seed=0, sample_offset=0, clip_denoised=True, variance="fixed", mean_only=False, model_kwargs={},
+                    split_output=None, capture=True)
+    x = torch.zeros(2, 3, 4, 4)
+    a = cuda_graphs._loop_for(model, x, 5, ("k",), **settings)
+    assert cuda_graphs._loop_for(model, x, 5, ("k",), **settings) is a
+    assert cuda_graphs._loop_for(model, torch.zeros(3, 3, 4, 4), 5, ("k",), **settings) is not a
+    assert cuda_graphs._loop_for(model, x.half(), 5, ("k",), **settings) is not a
+    assert cuda_graphs._loop_for(model, x, 5, ("other settings",), **settings) is not a
+    assert cuda_graphs._loop_for(model, x, 5, ("k",), **{**settings, "capture": False}) is not a  # never cached
+    assert len(cuda_graphs._cache[model]) == 4
+    del model, a
+    gc.collect()
+    assert len(cuda_graphs._cache) == 0  # the loops hold their model weakly: no leak through the cache
