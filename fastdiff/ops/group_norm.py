@@ -190,9 +190,8 @@ def _group_norm_silu_bwd(grad_y: torch.Tensor, x: torch.Tensor, weight: Optional
         out = _empty_in_layout(x, x.dtype)
         out.copy_(gx)
         return out, gw.to(_stats_dtype(x.dtype)).contiguous(), gb.to(_stats_dtype(x.dtype)).contiguous()
-    if _layout(grad_y) != _layout(x) or grad_y.dtype != x.dtype:
-        grad_y = grad_y.to(x.dtype).transpose(1, 2).contiguous().transpose(1, 2) if _layout(x) else \
-            grad_y.to(x.dtype).contiguous()
+    if _layout(grad_y) != _layout(x) or grad_y.dtype != x.dtype:  # the kernel reads both in x's layout
+        grad_y = _empty_in_layout(x, x.dtype).copy_(grad_y)
     grad_x = _empty_in_layout(x, x.dtype)
     grad_w = torch.empty((c,), dtype=torch.float32)
     grad_b = torch.empty((c,), dtype=torch.float32)

@@ -1,0 +1,73 @@
+"""attention: the flash-style CPU kernel against torch's scaled_dot_product_attention,
+eager and compiled.
+
+    pytest bench/bench_attention.py --benchmark-only
+
+FLOPs: forward 4 B H L^2 D (two matmuls); forward+backward 3.5x that (backward: five
+matmuls, one of them recomputing the scores), the count flash-attention reports.
+
+A load-robust cross-check on a shared machine: one thread, CPU time instead of wall time,
+    FASTDIFF_BENCH_THREADS=1 pytest ... --benchmark-only --benchmark-timer time.process_time
+"""
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastdiff.ops import attention
+
+if os.environ.get("FASTDIFF_BENCH_THREADS"):
+    torch.set_num_threads(int(os.environ["FASTDIFF_BENCH_THREADS"]))
+
+SHAPES = [(8, 1, 256, 256), (8, 4, 256, 64), (8, 32, 256, 8)]  # (B, H, L, D)
+DTYPES = [torch.float32, torch.bfloat16]
+PARAMS = [(s, d) for s in SHAPES for d in DTYPES]
+IDS = [f"{'x'.join(map(str, s))}-{str(d)[6:]}" for s, d in PARAMS]
+
+
+def sdpa(q, k, v):
+    return F.scaled_dot_product_attention(q, k, v)
+
+
+_compiled = torch.compile(sdpa)
+_IMPLS = {"fastdiff": attention, "sdpa": sdpa, "compile": _compiled}
+
+
+def _inputs(shape, dtype, requires_grad):
+    g = torch.Generator().manual_seed(0)
+    return [torch.randn(shape, generator=g).to(dtype).requires_grad_(requires_grad) for _ in range(3)]
+
+
+def _flops(shape):
+    b, h, l, d = shape
+    return 4.0 * b * h * l * l * d
+
+
+@pytest.mark.parametrize("shape,dtype", PARAMS, ids=IDS)
+@pytest.mark.parametrize("impl", ["fastdiff", "sdpa", "compile"])
+def test_forward(benchmark, report, shape, dtype, impl):
+    q, k, v = _inputs(shape, dtype, False)
+    fn = _IMPLS[impl]
+    with torch.no_grad():
+        fn(q, k, v)  # warm-up (and compilation)
+        benchmark.group = f"attention fwd {shape} {str(dtype)[6:]}"
+        benchmark.pedantic(fn, args=(q, k, v), rounds=20, warmup_rounds=2)
+    report.add(benchmark, benchmark.group, impl, flops=_flops(shape), baseline=impl != "fastdiff")
+
+
+@pytest.mark.parametrize("shape,dtype", PARAMS, ids=IDS)
+@pytest.mark.parametrize("impl", ["fastdiff", "sdpa", "compile"])
+def test_forward_backward(benchmark, report, shape, dtype, impl):
+    q, k, v = _inputs(shape, dtype, True)
+    grad_out = torch.randn(shape).to(dtype)
+    fn = _IMPLS[impl]
+
+    def step():
+        out = fn(q, k, v)
+        return torch.autograd.grad(out, (q, k, v), grad_out)
+
+    step()  # warm-up (and compilation)
+    benchmark.group = f"attention fwd+bwd {shape} {str(dtype)[6:]}"
+    benchmark.pedantic(step, rounds=10, warmup_rounds=2)
+    report.add(benchmark, benchmark.group, impl, flops=3.5 * _flops(shape), baseline=impl != "fastdiff")
