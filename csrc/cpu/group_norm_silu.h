@@ -76,22 +76,15 @@ inline uint16_t float_to_bf16(float f) {
 inline void store_value(float* p, int64_t i, float v) { p[i] = v; }
 inline void store_value(uint16_t* p, int64_t i, float v) { p[i] = float_to_bf16(v); }
 
-// e^x for fp32, ~1 ulp on [-87.3, 88.3]: Cody-Waite reduction x = n ln2 + r, |r| <= ln2/2,
-// then a degree-7 Taylor polynomial of e^r (truncation < 4e-9 relative) scaled by 2^n
-// through the exponent bits. Below -87.3 it returns 0 (callers rely on exp(-inf) = 0);
-// above 88.3 it saturates at about e^88.3 = 2e38 (only sigmoid's e^-z goes there, where
-// 1 / (1 + e^-z) is 0 to within 5e-39 either way). NaN propagates through r.
-// kFlushToZero: return exactly 0 below -87.3 (attention needs exp(-inf) = 0); without it
-// the result saturates at e^-87.3 = 1.2e-38 there, which 1 / (1 + e^-z) cannot tell apart.
-template <bool kFlushToZero = true>
-inline float exp_approx(float x) {
+// e^x for fp32, ~1 ulp, for x in [-87.3, 88.3] (2^n stays a normal float): Cody-Waite
+// reduction x = n ln2 + r, |r| <= ln2/2, then a degree-7 Taylor polynomial of e^r
+// (truncation < 4e-9 relative) scaled by 2^n through the exponent bits.
+inline float exp_in_range(float x) {
   const float kLog2e = 1.44269504088896341f;
   const float kLn2Hi = 0.693145751953125f;     // ln 2, first 16 bits (exact n * kLn2Hi)
   const float kLn2Lo = 1.428606765330187e-06f;  // ln 2 - kLn2Hi
-  // std::max/min map to single vmaxps/vminps (std::fmax/fmin stay libm calls: NaN rules).
-  const float xc = std::min(std::max(x, -87.3f), 88.3f);
-  const float n = std::nearbyint(xc * kLog2e);  // in [-126, 127]: 2^n is a normal float
-  const float r = (xc - n * kLn2Hi) - n * kLn2Lo;
+  const float n = std::nearbyint(x * kLog2e);
+  const float r = (x - n * kLn2Hi) - n * kLn2Lo;
   float p = 1.0f / 5040.0f;
   p = p * r + 1.0f / 720.0f;
   p = p * r + 1.0f / 120.0f;
@@ -100,10 +93,22 @@ inline float exp_approx(float x) {
   p = p * r + 0.5f;
   p = p * r + 1.0f;
   p = p * r + 1.0f;
-  const float result = p * bits_to_float(uint32_t(int32_t(n) + 127) << 23);
-  return kFlushToZero && x < -87.3f ? 0.0f : result;
+  return p * bits_to_float(uint32_t(int32_t(n) + 127) << 23);
 }
 
-inline float sigmoid_approx(float z) { return 1.0f / (1.0f + exp_approx<false>(-z)); }
+// e^x for any x: 0 below -87.3 (so exp(-inf) = 0, as online softmax needs), about
+// e^88.3 = 2e38 above 88.3, NaN stays NaN (through r). std::max/min map to single
+// vmaxps/vminps (std::fmax/fmin stay libm calls: NaN rules).
+inline float exp_approx(float x) {
+  const float result = exp_in_range(std::min(std::max(x, -87.3f), 88.3f));
+  return x < -87.3f ? 0.0f : result;
+}
+
+// 1 / (1 + e^-z). Clamping z (not -z) keeps the clamp two vmaxps/vminps; outside the
+// clamp e^-z is < 1.2e-38 or > 2e38, where the quotient is 1 or 0 to fp32 precision.
+inline float sigmoid_approx(float z) {
+  const float zc = std::min(std::max(z, -88.3f), 87.3f);
+  return 1.0f / (1.0f + exp_in_range(-zc));
+}
 
 }  // namespace fastdiff
