@@ -1,8 +1,9 @@
-"""The CUDA C++ kernels (csrc/cuda, module fastdiff._C_cuda).
+"""The CUDA C++ kernels (csrc/cuda, module fastdiff._C_cuda), and bench/gpu_check.py.
 
-Without a GPU: nvcc compiles every translation unit here (the "CI compiles them" check),
-and the built module, if present, imports and answers. With FASTDIFF_TEST_DEVICE=cuda on a
-GPU machine: the kernels against the pure-torch references.
+Without a GPU: nvcc compiles every translation unit (the "CI compiles them" check), the
+built module imports and answers, and the kernels' source, compiled for the host through
+csrc/cuda/host_emulation.h, matches the pure-torch references. With
+FASTDIFF_TEST_DEVICE=cuda on a GPU machine the same comparisons run on the device too.
 """
 import os
 import shutil
@@ -70,59 +71,115 @@ def test_cuda_launchers_reject_cpu_tensors():
         cuda_native.sampler_step_cuda(x, x, [1.0] * 7, 0, 0, 0, False, 0)
 
 
-# --------------------------------------------------------------------------- on a GPU
+# --------------------------------------------------------------------------- the kernels' results
+# Two ways to run csrc/cuda: on the GPU (FASTDIFF_TEST_DEVICE=cuda), and on the CPU through
+# csrc/cuda/host_emulation.h -- the same kernel source compiled by g++, each block's threads
+# as std::threads -- so that the kernels' indexing, tiling, reductions and layouts are checked
+# against the references on any machine with a C++20 compiler.
+@pytest.fixture(scope="module")
+def emulated_lib(tmp_path_factory):
+    cxx = shutil.which("g++") or shutil.which("c++")
+    if cxx is None:
+        pytest.skip("no C++ compiler for the host emulation")
+    import importlib.util
+    import sysconfig
+
+    import pybind11
+
+    out_dir = tmp_path_factory.mktemp("cuda_emulation")
+    target = out_dir / ("_C_cuda_emu" + sysconfig.get_config_var("EXT_SUFFIX"))
+    cmd = [cxx, "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread", "-DFASTDIFF_CUDA_HOST_EMULATION",
+           "-DFASTDIFF_CUDA_MODULE_NAME=_C_cuda_emu", f"-I{pybind11.get_include()}",
+           f"-I{sysconfig.get_paths()['include']}", f"-I{ROOT / 'csrc'}", "-x", "c++",
+           *[str(p) for p in CUDA_SOURCES], str(ROOT / "csrc" / "cuda" / "bindings.cpp"), "-o", str(target)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    spec = importlib.util.spec_from_file_location("_C_cuda_emu", target)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(params=["emulated", pytest.param("gpu", marks=needs_gpu)])
+def cuda_impl(request):
+    """(device, lib): CPU tensors with the host-emulated kernels, or CUDA tensors with fastdiff._C_cuda."""
+    if request.param == "emulated":
+        return torch.device("cpu"), request.getfixturevalue("emulated_lib")
+    return DEVICE, None
+
+
 COEFS = [1.3, -0.7, 0.45, 0.6, 0.3, -6.0, -3.0]
 
 
-@needs_gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("mode", [0, 1, 2])
-def test_cuda_sampler_step_matches_reference(dtype, mode):
+def test_cuda_sampler_step_matches_reference(cuda_impl, dtype, mode):
+    device, lib = cuda_impl
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(3, 3, 17, 9, generator=gen, dtype=torch.float64)
+    x = torch.randn(3, 3, 17, 9, generator=gen, dtype=torch.float64).to(dtype)
     out = torch.randn(3, 3 * (2 if mode else 1), 17, 9, generator=gen, dtype=torch.float64)
     if mode == 2:
         out[:, 3:] = out[:, 3:].clamp(-1, 1)
-    got = cuda_native.sampler_step_cuda(x.to(DEVICE, dtype), out.to(DEVICE, dtype), COEFS, 2**33 + 1, 7, 5, True, mode)
-    want = sampler_step_reference(x.to(dtype).double(), out.to(dtype).double(), COEFS, 2**33 + 1, 7, 5, True, mode)
-    tol = 1e-5 if dtype in (torch.float32, torch.float64) else 2 * torch.finfo(dtype).eps
-    torch.testing.assert_close(got.cpu().double(), want, rtol=tol, atol=tol)
-    table = coefficient_table([ops.StepCoefficients(*COEFS)] * 8, device=DEVICE)
-    via_table = cuda_native.sampler_step_table_cuda(x.to(DEVICE, dtype), out.to(DEVICE, dtype), table,
-                                                    torch.tensor(7, device=DEVICE), 2**33 + 1, 5, True, mode)
+    out = out.to(dtype)
+    got = cuda_native.sampler_step_cuda(x.to(device), out.to(device), COEFS, 2**33 + 1, 7, 5, True, mode, _lib=lib)
+    want = sampler_step_reference(x.double(), out.double(), COEFS, 2**33 + 1, 7, 5, True, mode)
+    assert got.dtype == dtype and got.shape == x.shape
+    if dtype in (torch.float32, torch.float64):
+        torch.testing.assert_close(got.cpu().double(), want, rtol=1e-5, atol=1e-5)
+    else:  # fp32 maths, one rounding to the storage type
+        eps = torch.finfo(dtype).eps
+        torch.testing.assert_close(got.cpu().double(), want, rtol=eps, atol=2 * eps)
+    table = coefficient_table([ops.StepCoefficients(*COEFS)] * 8, device=device)
+    via_table = cuda_native.sampler_step_table_cuda(x.to(device), out.to(device), table,
+                                                    torch.tensor(7, device=device), 2**33 + 1, 5, True, mode, _lib=lib)
     torch.testing.assert_close(via_table, got, rtol=0, atol=0)
 
 
-@needs_gpu
-def test_cuda_randn_matches_reference():
+def test_cuda_sampler_step_without_noise_is_the_mean(cuda_impl):
+    device, lib = cuda_impl
+    x = torch.randn(2, 5, 3, dtype=torch.float64)
+    out = torch.randn(2, 5, 3, dtype=torch.float64)
+    coefs = COEFS[:4] + [0.0] + COEFS[5:]
+    got = cuda_native.sampler_step_cuda(x.to(device), out.to(device), coefs, 1, 2, 0, False, 0, _lib=lib)
+    torch.testing.assert_close(got.cpu(), coefs[2] * (coefs[0] * x + coefs[1] * out) + coefs[3] * x)
+
+
+def test_cuda_randn_matches_reference(cuda_impl):
+    device, lib = cuda_impl
     ref = ops.philox_normal_reference(5, 1001, seed=2**40 + 3, step=0xFFFFFFFF, sample_offset=2)
-    got = cuda_native.randn_cuda((5, 1001), 2**40 + 3, 0xFFFFFFFF, 2, device=DEVICE)
+    got = cuda_native.randn_cuda((5, 1001), 2**40 + 3, 0xFFFFFFFF, 2, device=device, _lib=lib)
     torch.testing.assert_close(got.cpu().double(), ref, rtol=2e-6, atol=2e-6)
 
 
-@needs_gpu
-@pytest.mark.parametrize("shape, groups", [((2, 64, 16, 16), 32), ((1, 6, 5, 7), 3), ((64, 128, 32, 32), 32)])
-@pytest.mark.parametrize("channels_last", [False, True])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cuda_group_norm_silu_matches_reference(shape, groups, channels_last, dtype):
+@pytest.mark.parametrize("shape, groups, channels_last, dtype", [
+    ((2, 6, 5, 7), 3, False, torch.float32),        # non-aligned, one split
+    ((2, 6, 5, 7), 3, True, torch.float32),
+    ((1, 4, 40, 40), 2, False, torch.float32),      # S split over several blocks
+    ((1, 40, 10, 13), 8, True, torch.float32),      # channels_last, two channel tiles, S splits
+    ((3, 4, 1, 1), 2, False, torch.float32),        # S = 1
+    ((2, 16, 9, 9), 4, True, torch.bfloat16),
+    ((2, 16, 9, 9), 4, False, torch.float16),
+])
+def test_cuda_group_norm_silu_matches_reference(cuda_impl, shape, groups, channels_last, dtype):
+    device, lib = cuda_impl
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(shape, generator=gen, dtype=torch.float64) * 2 + 1
     w = torch.randn(shape[1], generator=gen, dtype=torch.float64)
     b = torch.randn(shape[1], generator=gen, dtype=torch.float64)
     gy = torch.randn(shape, generator=gen, dtype=torch.float64)
-    xd = x.to(DEVICE, dtype)
+    xd = x.to(device, dtype)
     if channels_last:
         xd = xd.contiguous(memory_format=torch.channels_last)
     x3 = xd.flatten(2)
-    y, mean, rstd = cuda_native.group_norm_silu_fwd_cuda(x3, w.float().to(DEVICE), b.float().to(DEVICE), groups,
-                                                         1e-5, True)
-    gx, gw, gb = cuda_native.group_norm_silu_bwd_cuda(gy.to(DEVICE, dtype).flatten(2), x3, w.float().to(DEVICE),
-                                                      b.float().to(DEVICE), mean, rstd, groups, 1e-5, True)
+    y, mean, rstd = cuda_native.group_norm_silu_fwd_cuda(x3, w.float().to(device), b.float().to(device), groups,
+                                                         1e-5, True, _lib=lib)
+    gx, gw, gb = cuda_native.group_norm_silu_bwd_cuda(gy.to(device, dtype).flatten(2), x3, w.float().to(device),
+                                                      b.float().to(device), mean, rstd, groups, 1e-5, True, _lib=lib)
     xr = xd.double().cpu().flatten(2).requires_grad_(True)
     wr, br = w.clone().requires_grad_(True), b.clone().requires_grad_(True)
     ry, _, rrstd = group_norm_silu_reference(xr, groups, wr, br, 1e-5, True)
-    rgx, rgw, rgb = torch.autograd.grad(ry, (xr, wr, br), gy.flatten(2))
-    assert y.stride() == x3.stride() and gx.stride() == x3.stride()
+    rgx, rgw, rgb = torch.autograd.grad(ry, (xr, wr, br), gy.to(dtype).double().flatten(2))
+    assert y.stride()[1:] == x3.stride()[1:] and gx.stride()[1:] == x3.stride()[1:] and y.dtype == dtype
     tol = 2e-5 if dtype == torch.float32 else 2 * torch.finfo(dtype).eps
     torch.testing.assert_close(rstd.cpu().double(), rrstd.detach(), rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(y.cpu().double(), ry.detach(), rtol=tol, atol=tol)

@@ -6,7 +6,8 @@ assumed checked by the custom ops; these functions make them dense, allocate out
 workspaces on the tensors' device, and pass raw pointers and torch's current stream.
 
 `available()` says whether the module was built (a CUDA toolkit at build time) and a GPU
-is visible.
+is visible. Every launcher takes `_lib=`: tests pass a host-emulated build of the same
+kernels (csrc/cuda/host_emulation.h) and CPU tensors.
 """
 from __future__ import annotations
 
@@ -30,16 +31,24 @@ def available() -> bool:
     return lib is not None and torch.cuda.is_available()
 
 
-def _storage(dtype: torch.dtype) -> int:
-    table = {torch.float32: lib.STORAGE_F32, torch.float16: lib.STORAGE_F16, torch.bfloat16: lib.STORAGE_BF16,
-             torch.float64: lib.STORAGE_F64}
+def _storage(dtype: torch.dtype, mod) -> int:
+    table = {torch.float32: mod.STORAGE_F32, torch.float16: mod.STORAGE_F16, torch.bfloat16: mod.STORAGE_BF16,
+             torch.float64: mod.STORAGE_F64}
     if dtype not in table:
         raise TypeError(f"CUDA kernels store fp32, fp16, bf16 or fp64, got {dtype}")
     return table[dtype]
 
 
 def _stream(t: torch.Tensor) -> int:
-    return torch.cuda.current_stream(t.device).cuda_stream
+    return torch.cuda.current_stream(t.device).cuda_stream if t.device.type == "cuda" else 0
+
+
+def _module(_lib, *tensors: torch.Tensor):
+    """The kernel module to call: `_lib` (host emulation, CPU tensors) or fastdiff._C_cuda."""
+    if _lib is not None:
+        return _lib
+    _check_cuda(*tensors)
+    return lib
 
 
 def _check_cuda(*tensors: torch.Tensor) -> None:
@@ -51,47 +60,47 @@ def _check_cuda(*tensors: torch.Tensor) -> None:
 
 
 # --------------------------------------------------------------------------- sampler_step
-def _step(x_t, model_output, coefs, coef_table, step_index, seed, step, sample_offset, clip, mode):
-    _check_cuda(x_t, model_output)
+def _step(x_t, model_output, coefs, coef_table, step_index, seed, step, sample_offset, clip, mode, _lib):
+    mod = _module(_lib, x_t, model_output)
     x = x_t.contiguous()
     out = model_output.contiguous()
     batch = x.shape[0]
     numel = x[0].numel() if batch else 0
     y = torch.empty_like(x)
     a1, a2, c1, c2, sigma, min_log, max_log = [float(c) for c in coefs]
-    lib.sampler_step(x=x.data_ptr(), model_output=out.data_ptr(), y=y.data_ptr(),
+    mod.sampler_step(x=x.data_ptr(), model_output=out.data_ptr(), y=y.data_ptr(),
                      coef_table=coef_table.data_ptr() if coef_table is not None else 0,
                      step_index=step_index.data_ptr() if step_index is not None else 0, batch=batch, numel=numel,
                      out_stride=out[0].numel() if batch else 0, a1=a1, a2=a2, c1=c1, c2=c2, sigma=sigma,
                      min_log=min_log, max_log=max_log, seed=int(seed), step=int(step) & _MASK32,
                      sample_offset=int(sample_offset), clip=bool(clip), variance_mode=int(mode),
-                     storage=_storage(x.dtype), stream=_stream(x))
+                     storage=_storage(x.dtype, mod), stream=_stream(x))
     return y
 
 
 def sampler_step_cuda(x_t: torch.Tensor, model_output: torch.Tensor, coefs: Sequence[float], seed: int, step: int,
-                      sample_offset: int, clip_denoised: bool, variance_mode: int) -> torch.Tensor:
+                      sample_offset: int, clip_denoised: bool, variance_mode: int, *, _lib=None) -> torch.Tensor:
     """As `fastdiff::sampler_step` (and `sampler_step_triton`)."""
-    return _step(x_t, model_output, coefs, None, None, seed, step, sample_offset, clip_denoised, variance_mode)
+    return _step(x_t, model_output, coefs, None, None, seed, step, sample_offset, clip_denoised, variance_mode, _lib)
 
 
 def sampler_step_table_cuda(x_t: torch.Tensor, model_output: torch.Tensor, coef_table: torch.Tensor,
                             step_index: torch.Tensor, seed: int, sample_offset: int, clip_denoised: bool,
-                            variance_mode: int) -> torch.Tensor:
+                            variance_mode: int, *, _lib=None) -> torch.Tensor:
     """As `fastdiff::sampler_step_table`: coefficients and Philox step read on the device."""
-    _check_cuda(coef_table, step_index)
+    _module(_lib, coef_table, step_index)
     return _step(x_t, model_output, (0.0,) * 7, coef_table.to(torch.float64).contiguous(), step_index, seed, 0,
-                 sample_offset, clip_denoised, variance_mode)
+                 sample_offset, clip_denoised, variance_mode, _lib)
 
 
 def randn_cuda(shape: Tuple[int, ...], seed: int, step: int, sample_offset: int = 0,
-               dtype: torch.dtype = torch.float32, device="cuda") -> torch.Tensor:
+               dtype: torch.dtype = torch.float32, device="cuda", *, _lib=None) -> torch.Tensor:
     y = torch.empty(tuple(shape), dtype=dtype, device=device)
-    _check_cuda(y)
+    mod = _module(_lib, y)
     batch = y.shape[0] if y.dim() else 0
     if y.numel():
-        lib.philox_normal(y=y.data_ptr(), batch=batch, numel=y[0].numel(), seed=int(seed), step=int(step) & _MASK32,
-                          sample_offset=int(sample_offset), storage=_storage(dtype), stream=_stream(y))
+        mod.philox_normal(y=y.data_ptr(), batch=batch, numel=y[0].numel(), seed=int(seed), step=int(step) & _MASK32,
+                          sample_offset=int(sample_offset), storage=_storage(dtype, mod), stream=_stream(y))
     return y
 
 
@@ -118,35 +127,35 @@ def _affine(t: Optional[torch.Tensor], c: int, fill: float, like: torch.Tensor) 
 
 
 def group_norm_silu_fwd_cuda(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
-                             num_groups: int, eps: float, act: bool
+                             num_groups: int, eps: float, act: bool, *, _lib=None
                              ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """As `fastdiff::group_norm_silu_fwd` for fp32 / fp16 / bf16 x (N, C, S)."""
-    _check_cuda(x)
+    mod = _module(_lib, x)
     n, c, s = x.shape
     channels_last = _layout(x)
-    splits = lib.group_norm_splits(n, c, s, channels_last)
+    splits = mod.group_norm_splits(n, c, s, channels_last)
     workspace = torch.empty((2 * splits * n * c,), dtype=torch.float32, device=x.device)
     mean = torch.empty((n, num_groups), dtype=torch.float32, device=x.device)
     rstd = torch.empty_like(mean)
     y = _empty_like_layout(x, channels_last)
     w, b = _affine(weight, c, 1.0, x), _affine(bias, c, 0.0, x)
-    lib.group_norm_silu_forward(x=x.data_ptr(), weight=w.data_ptr(), bias=b.data_ptr(), y=y.data_ptr(),
+    mod.group_norm_silu_forward(x=x.data_ptr(), weight=w.data_ptr(), bias=b.data_ptr(), y=y.data_ptr(),
                                 mean=mean.data_ptr(), rstd=rstd.data_ptr(), workspace=workspace.data_ptr(), n=n, c=c,
                                 s=s, groups=num_groups, splits=splits, eps=float(eps), channels_last=channels_last,
-                                act=bool(act), storage=_storage(x.dtype), stream=_stream(x))
+                                act=bool(act), storage=_storage(x.dtype, mod), stream=_stream(x))
     return y, mean, rstd
 
 
 def group_norm_silu_bwd_cuda(grad_y: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor],
                              bias: Optional[torch.Tensor], mean: torch.Tensor, rstd: torch.Tensor, num_groups: int,
-                             eps: float, act: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                             eps: float, act: bool, *, _lib=None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """As `fastdiff::group_norm_silu_bwd`: (grad_x in x's layout, grad_weight, grad_bias fp32)."""
-    _check_cuda(x, grad_y)
+    mod = _module(_lib, x, grad_y)
     n, c, s = x.shape
     channels_last = _layout(x)
     grad_y = grad_y.to(x.dtype)
     grad_y = grad_y.transpose(1, 2).contiguous().transpose(1, 2) if channels_last else grad_y.contiguous()
-    splits = lib.group_norm_splits(n, c, s, channels_last)
+    splits = mod.group_norm_splits(n, c, s, channels_last)
     workspace = torch.empty((2 * splits * n * c + 2 * n * num_groups,), dtype=torch.float32, device=x.device)
     grad_x = _empty_like_layout(x, channels_last)
     grad_w = torch.empty((c,), dtype=torch.float32, device=x.device)
@@ -154,10 +163,10 @@ def group_norm_silu_bwd_cuda(grad_y: torch.Tensor, x: torch.Tensor, weight: Opti
     w, b = _affine(weight, c, 1.0, x), _affine(bias, c, 0.0, x)
     mean = mean.to(torch.float32).contiguous()
     rstd = rstd.to(torch.float32).contiguous()
-    lib.group_norm_silu_backward(grad_y=grad_y.data_ptr(), x=x.data_ptr(), weight=w.data_ptr(), bias=b.data_ptr(),
+    mod.group_norm_silu_backward(grad_y=grad_y.data_ptr(), x=x.data_ptr(), weight=w.data_ptr(), bias=b.data_ptr(),
                                  mean=mean.data_ptr(), rstd=rstd.data_ptr(), grad_x=grad_x.data_ptr(),
                                  grad_weight=grad_w.data_ptr(), grad_bias=grad_b.data_ptr(),
                                  workspace=workspace.data_ptr(), n=n, c=c, s=s, groups=num_groups, splits=splits,
-                                 channels_last=channels_last, act=bool(act), storage=_storage(x.dtype),
+                                 channels_last=channels_last, act=bool(act), storage=_storage(x.dtype, mod),
                                  stream=_stream(x))
     return grad_x, grad_w, grad_b

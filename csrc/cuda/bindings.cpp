@@ -28,7 +28,11 @@ void check(cudaError_t err, const char* what) {
 
 }  // namespace
 
-PYBIND11_MODULE(_C_cuda, m) {
+#ifndef FASTDIFF_CUDA_MODULE_NAME  // tests build a host-emulated copy under another name
+#define FASTDIFF_CUDA_MODULE_NAME _C_cuda
+#endif
+
+PYBIND11_MODULE(FASTDIFF_CUDA_MODULE_NAME, m) {
   m.doc() = "fastdiff CUDA kernels (raw-pointer interface; see fastdiff.triton_kernels.cuda_native)";
   m.attr("STORAGE_F32") = static_cast<int>(kF32);
   m.attr("STORAGE_F16") = static_cast<int>(kF16);

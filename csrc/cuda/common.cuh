@@ -1,7 +1,11 @@
 // Storage conversions shared by the CUDA kernels.
 #pragma once
+#if defined(FASTDIFF_CUDA_HOST_EMULATION)
+#include "cuda/host_emulation.h"
+#else
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#endif
 
 namespace fastdiff_cuda {
 

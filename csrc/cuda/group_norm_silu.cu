@@ -282,11 +282,11 @@ cudaError_t forward_typed(const GroupNormArgs& a, cudaStream_t stream) {
   float* sumsq = a.workspace + a.splits * a.n * a.c;
   const int64_t s_per_split = (a.s + a.splits - 1) / a.splits;
   const dim3 grid(static_cast<unsigned>(a.n * ((a.c + Tl::kC - 1) / Tl::kC)), static_cast<unsigned>(a.splits));
-  partial_stats_kernel<T, kCL><<<grid, kThreads, 0, stream>>>(x, sum, sumsq, a.n, a.c, a.s, s_per_split);
-  finalize_stats_kernel<T, kCL><<<static_cast<unsigned>(a.n * a.groups), kThreads, 0, stream>>>(
+  FASTDIFF_LAUNCH(grid, kThreads, stream, partial_stats_kernel<T, kCL>)(x, sum, sumsq, a.n, a.c, a.s, s_per_split);
+  FASTDIFF_LAUNCH(static_cast<unsigned>(a.n * a.groups), kThreads, stream, finalize_stats_kernel<T, kCL>)(
       x, sum, sumsq, a.mean, a.rstd, a.n, a.c, a.s, a.groups, a.splits, a.eps);
   const int64_t numel = a.n * a.c * a.s;
-  normalize_kernel<T, kCL, kAct><<<elementwise_blocks(numel), kThreads, 0, stream>>>(
+  FASTDIFF_LAUNCH(elementwise_blocks(numel), kThreads, stream, normalize_kernel<T, kCL, kAct>)(
       x, a.weight, a.bias, a.mean, a.rstd, static_cast<T*>(a.y), numel, a.c, a.s, a.groups);
   return cudaGetLastError();
 }
@@ -302,14 +302,14 @@ cudaError_t backward_typed(const GroupNormBackwardArgs& a, cudaStream_t stream) 
   float* coef_b = coef_a + a.n * a.groups;
   const int64_t s_per_split = (a.s + a.splits - 1) / a.splits;
   const dim3 grid(static_cast<unsigned>(a.n * ((a.c + Tl::kC - 1) / Tl::kC)), static_cast<unsigned>(a.splits));
-  bwd_partial_kernel<T, kCL, kAct><<<grid, kThreads, 0, stream>>>(gy, x, a.weight, a.bias, a.mean, a.rstd, dsum,
+  FASTDIFF_LAUNCH(grid, kThreads, stream, bwd_partial_kernel<T, kCL, kAct>)(gy, x, a.weight, a.bias, a.mean, a.rstd, dsum,
                                                                    dbias, a.n, a.c, a.s, a.groups, s_per_split);
-  bwd_affine_kernel<<<static_cast<unsigned>((a.c + kThreads - 1) / kThreads), kThreads, 0, stream>>>(
+  FASTDIFF_LAUNCH(static_cast<unsigned>((a.c + kThreads - 1) / kThreads), kThreads, stream, bwd_affine_kernel)(
       dsum, dbias, a.grad_weight, a.grad_bias, a.splits * a.n, a.c);
-  bwd_group_kernel<<<static_cast<unsigned>(a.n * a.groups), 32, 0, stream>>>(dsum, dbias, a.weight, coef_a, coef_b,
+  FASTDIFF_LAUNCH(static_cast<unsigned>(a.n * a.groups), 32, stream, bwd_group_kernel)(dsum, dbias, a.weight, coef_a, coef_b,
                                                                              a.n, a.c, a.s, a.groups, a.splits);
   const int64_t numel = a.n * a.c * a.s;
-  bwd_dx_kernel<T, kCL, kAct><<<elementwise_blocks(numel), kThreads, 0, stream>>>(
+  FASTDIFF_LAUNCH(elementwise_blocks(numel), kThreads, stream, bwd_dx_kernel<T, kCL, kAct>)(
       gy, x, a.weight, a.bias, a.mean, a.rstd, coef_a, coef_b, static_cast<T*>(a.grad_x), numel, a.c, a.s, a.groups);
   return cudaGetLastError();
 }

@@ -2,7 +2,13 @@
 // cudaStream_t; no libtorch. Python (fastdiff/triton_kernels/cuda_native.py) checks every
 // tensor, allocates outputs and workspaces, and passes torch's current stream.
 #pragma once
+#if defined(FASTDIFF_CUDA_HOST_EMULATION)
+#include "cuda/host_emulation.h"
+#else
 #include <cuda_runtime.h>
+// FASTDIFF_LAUNCH(grid, block, stream, kernel<...>)(args...): a launch, also under host emulation.
+#define FASTDIFF_LAUNCH(grid, block, stream, ...) __VA_ARGS__<<<(grid), (block), 0, (stream)>>>
+#endif
 
 #include <cstdint>
 

@@ -112,9 +112,9 @@ __global__ void normal_kernel(T* y, int64_t batch, int64_t numel, uint64_t seed,
 template <typename T, int kMode>
 void launch_mode(const SamplerStepArgs& a, dim3 grid, cudaStream_t stream) {
   if (a.clip)
-    sampler_step_kernel<T, kMode, true><<<grid, kThreads, 0, stream>>>(a);
+    FASTDIFF_LAUNCH(grid, kThreads, stream, sampler_step_kernel<T, kMode, true>)(a);
   else
-    sampler_step_kernel<T, kMode, false><<<grid, kThreads, 0, stream>>>(a);
+    FASTDIFF_LAUNCH(grid, kThreads, stream, sampler_step_kernel<T, kMode, false>)(a);
 }
 
 template <typename T>
@@ -147,10 +147,10 @@ cudaError_t philox_normal(void* y, int64_t batch, int64_t numel, uint64_t seed, 
   if (threads == 0) return cudaSuccess;
   const dim3 grid(static_cast<unsigned>((threads + kThreads - 1) / kThreads));
   switch (storage) {
-    case kF16: normal_kernel<<<grid, kThreads, 0, stream>>>(static_cast<__half*>(y), batch, numel, seed, step, sample_offset); break;
-    case kBF16: normal_kernel<<<grid, kThreads, 0, stream>>>(static_cast<__nv_bfloat16*>(y), batch, numel, seed, step, sample_offset); break;
-    case kF64: normal_kernel<<<grid, kThreads, 0, stream>>>(static_cast<double*>(y), batch, numel, seed, step, sample_offset); break;
-    default: normal_kernel<<<grid, kThreads, 0, stream>>>(static_cast<float*>(y), batch, numel, seed, step, sample_offset); break;
+    case kF16: FASTDIFF_LAUNCH(grid, kThreads, stream, normal_kernel)(static_cast<__half*>(y), batch, numel, seed, step, sample_offset); break;
+    case kBF16: FASTDIFF_LAUNCH(grid, kThreads, stream, normal_kernel)(static_cast<__nv_bfloat16*>(y), batch, numel, seed, step, sample_offset); break;
+    case kF64: FASTDIFF_LAUNCH(grid, kThreads, stream, normal_kernel)(static_cast<double*>(y), batch, numel, seed, step, sample_offset); break;
+    default: FASTDIFF_LAUNCH(grid, kThreads, stream, normal_kernel)(static_cast<float*>(y), batch, numel, seed, step, sample_offset); break;
   }
   return cudaGetLastError();
 }
