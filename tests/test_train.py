@@ -38,19 +38,19 @@ def _assert_bitwise_equal(a: dict, b: dict):
 
 def test_resume_is_bitwise_exact(tmp_path):
     # N steps in one run == N/2 steps, then --resume for the rest: model, EMA, optimizer and
-    # importance sampler state all identical (T=4 so that Eq. 103's sampler warms up mid-run).
-    cfg = dict(FAST, T=4, sample_steps=2, loss="hybrid", t_sampler="importance", dropout=0.1, batch_size=8,
-               dataset_size=24, save_every=4)
-    full = train(TrainConfig(out=str(tmp_path / "full"), steps=8, **cfg))
-    train(TrainConfig(out=str(tmp_path / "half"), steps=4, **cfg))
-    resumed = train(TrainConfig(out=str(tmp_path / "half"), steps=8, resume=True, **cfg))
-    assert resumed.step == 8
+    # importance sampler state all identical (T=2 so that Eq. 103's sampler warms up by the end).
+    cfg = dict(FAST, T=2, sample_steps=2, loss="hybrid", t_sampler="importance", dropout=0.1, batch_size=8,
+               dataset_size=12, save_every=2, sample_at_end=False)
+    full = train(TrainConfig(out=str(tmp_path / "full"), steps=4, **cfg))
+    train(TrainConfig(out=str(tmp_path / "half"), steps=2, **cfg))
+    resumed = train(TrainConfig(out=str(tmp_path / "half"), steps=4, resume=True, **cfg))
+    assert resumed.step == 4
     _assert_bitwise_equal(_weights(tmp_path / "full"), _weights(tmp_path / "half"))
     a, b = read_checkpoint_record(tmp_path / "full"), read_checkpoint_record(tmp_path / "half")
     assert a["t_sampler"] == b["t_sampler"] and a["data"] == b["data"]
     assert np.array(a["t_sampler"]["state"]["counts"]).min() == 10  # the importance sampler was in use
     # the resumed run's loss log is the uninterrupted one's
-    assert [s for s, _ in resumed.losses] == list(range(8))
+    assert [s for s, _ in resumed.losses] == list(range(4))
     np.testing.assert_array_equal([l for _, l in resumed.losses], [l for _, l in full.losses])
 
 
@@ -88,12 +88,12 @@ train(cfg)
 """
 
 
-@pytest.mark.parametrize("match", ["ckpt-00000004.safetensors@4", "checkpoint.json@4"], ids=["weights", "record"])
+@pytest.mark.parametrize("match", ["ckpt-00000002.safetensors@2", "checkpoint.json@2"], ids=["weights", "record"])
 def test_kill_during_save_leaves_last_checkpoint_and_resume_is_exact(tmp_path, match):
-    # SIGKILL a training process while it saves step 4 (temp file written, rename pending):
-    # the step-2 checkpoint must load, and resuming from it must equal an uninterrupted run.
+    # SIGKILL a training process while it saves step 2 (temp file written, rename pending):
+    # the step-1 checkpoint must load, and resuming from it must equal an uninterrupted run.
     out = tmp_path / "run"
-    cfg = dict(FAST, out=str(out), steps=6, save_every=2)
+    cfg = dict(FAST, out=str(out), steps=3, save_every=1, batch_size=2, sample_at_end=False)
     err = open(tmp_path / "stderr.txt", "w")
     env = dict(ENV, FASTDIFF_TEST_SAVE_HOOK="sleep:600", FASTDIFF_TEST_SAVE_HOOK_MATCH=match)
     proc = subprocess.Popen([sys.executable, "-c", TRAIN_SCRIPT, json.dumps(cfg)], env=env, stderr=err,
@@ -111,7 +111,7 @@ def test_kill_during_save_leaves_last_checkpoint_and_resume_is_exact(tmp_path, m
         if proc.poll() is None:
             proc.kill()
         err.close()
-    assert read_checkpoint_record(out)["step"] == 2
+    assert read_checkpoint_record(out)["step"] == 1
     model, _ = load_checkpoint(out)
     assert all(torch.isfinite(p).all() for p in model.parameters())
     train(TrainConfig(**dict(cfg, resume=True)))
@@ -132,7 +132,8 @@ def _nan_npz(path, nan_index=None):
 
 def test_nonfinite_losses_are_skipped_and_counted(tmp_path):
     data = _nan_npz(tmp_path / "one_nan.npz", nan_index=3)
-    r = train(TrainConfig(**dict(FAST, data=data, out=str(tmp_path / "run"), steps=8, batch_size=2)))
+    r = train(TrainConfig(**dict(FAST, data=data, out=str(tmp_path / "run"), steps=8, batch_size=2,
+                                 sample_at_end=False)))
     assert r.status == "done" and 1 <= r.nonfinite_skipped < 8
     assert len(r.losses) == 8 - r.nonfinite_skipped and all(np.isfinite(l) for _, l in r.losses)
     model, record = load_checkpoint(tmp_path / "run")
