@@ -588,7 +588,7 @@ def train(config: TrainConfig) -> TrainResult:
                 break
             stop = config.max_minutes is not None and time.time() - t_start > 60.0 * config.max_minutes
             if world > 1:
-                s = torch.tensor([float(stop)])
+                s = torch.tensor([float(stop)], device=device)  # NCCL needs device tensors
                 dist.broadcast(s, 0)
                 stop = bool(s.item())
             if stop and step < config.steps:
