@@ -66,7 +66,11 @@ def plan(out_dir: Path, python: str = sys.executable, skip_build: bool = False, 
         steps.append(Step("build", [python, "-m", "pip", "install", "--no-build-isolation", "--no-deps", "-q", "."],
                           140, env={"CMAKE_BUILD_PARALLEL_LEVEL": str(os.cpu_count() or 4)}))
     if not skip_tests:
-        steps.append(Step("tests", [python, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "tests/"], 90,
+        # Not `python -m pytest`: that puts the source tree first on sys.path, shadowing the
+        # installed package (its compiled modules, and fastdiff.triton_kernels, live only there).
+        pytest_exe = Path(python).parent / "pytest"
+        runner = [str(pytest_exe)] if pytest_exe.exists() else [python, "-P", "-m", "pytest"]
+        steps.append(Step("tests", runner + ["-q", "-p", "no:cacheprovider", "tests/"], 90,
                           env={"FASTDIFF_TEST_DEVICE": "cuda"}))
     per_group = {"copy": 10, "sampler_step": 25, "group_norm_silu": 40, "attention": 35, "sampling": 120}
     for group in groups:
