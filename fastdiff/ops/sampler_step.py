@@ -158,13 +158,17 @@ def _(x_t, model_output, coefs, seed, step, sample_offset, clip_denoised, varian
     return torch.empty_like(x_t, memory_format=torch.contiguous_format)
 
 
-def _triton_impl():
-    """The Triton launcher, once the GPU path provides one (issue: GPU path)."""
+def _triton_module():
     try:
         from fastdiff.triton_kernels import sampler_step as triton_module  # type: ignore
     except ImportError:
         return None
-    return getattr(triton_module, "sampler_step_triton", None)
+    return triton_module
+
+
+def _triton_impl():
+    """The Triton launcher, once the GPU path provides one (issue: GPU path)."""
+    return getattr(_triton_module(), "sampler_step_triton", None)
 
 
 def sampler_step(x_t: torch.Tensor, model_output: torch.Tensor, coefs: StepCoefficients, *, seed: int,
@@ -216,11 +220,7 @@ def _(x_t, model_output, coef_table, step_index, seed, sample_offset, clip_denoi
 
 
 def _triton_table_impl():
-    try:
-        from fastdiff.triton_kernels import sampler_step as triton_module  # type: ignore
-    except ImportError:
-        return None
-    return getattr(triton_module, "sampler_step_table_triton", None)
+    return getattr(_triton_module(), "sampler_step_table_triton", None)
 
 
 def sampler_step_table(x_t: torch.Tensor, model_output: torch.Tensor, coef_table: torch.Tensor,
@@ -268,7 +268,10 @@ def randn(shape: Tuple[int, ...], *, seed: int, step: int = INITIAL_NOISE_STEP, 
     numel = 1
     for s in shape[1:]:
         numel *= s
-    backend = _backend.resolve(device, "randn")
+    triton_randn = getattr(_triton_module(), "randn_triton", None)
+    backend = _backend.resolve(device, "randn", has_triton_kernel=triton_randn is not None)
+    if backend == "triton":
+        return triton_randn(shape, seed, step, sample_offset, dtype, device)
     if backend == "native" and dtype in _NATIVE_DTYPES and batch * numel:
         y = torch.empty(shape, dtype=dtype)
         _backend.native_lib.philox_normal(y=y.data_ptr(), batch=batch, numel_per_sample=numel, seed=seed,
