@@ -64,7 +64,7 @@ inline float act_grad(float z, bool act) {
 // chunk hits L1). Eight independent partial sums per pass break the add latency chain.
 template <typename T>
 Moments run_moments(const T* __restrict x, int64_t len) {
-  constexpr int kLanes = 64;
+  constexpr int kLanes = 32;
   Moments m;
   for (int64_t start = 0; start < len; start += kStatChunk) {
     const int64_t n = std::min(kStatChunk, len - start);
@@ -76,6 +76,7 @@ Moments run_moments(const T* __restrict x, int64_t len) {
       for (int l = 0; l < kLanes; ++l) part[l] += load_value(c, i + l);
     float sum = 0.0f;
     for (int64_t i = body; i < n; ++i) sum += load_value(c, i);
+#pragma omp simd reduction(+ : sum)
     for (int l = 0; l < kLanes; ++l) sum += part[l];
     const float chunk_mean = sum / float(n);
     float sq[kLanes] = {};
@@ -90,6 +91,7 @@ Moments run_moments(const T* __restrict x, int64_t len) {
       const float d = load_value(c, i) - chunk_mean;
       m2 += d * d;
     }
+#pragma omp simd reduction(+ : m2)
     for (int l = 0; l < kLanes; ++l) m2 += sq[l];
     m.merge(double(n), double(chunk_mean), double(m2));
   }
