@@ -7,12 +7,13 @@ few steps; the model always sees the original timesteps.
 """
 from __future__ import annotations
 
-from typing import Callable, List, Optional, Sequence
+import functools
+from typing import Callable, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
 
-from fastdiff import ops
+from fastdiff import guidance, ops
 from fastdiff.diffusion import GaussianDiffusion, _check_choice
 from fastdiff.ops.philox import INITIAL_NOISE_STEP
 from fastdiff.ops.sampler_step import StepCoefficients
@@ -109,7 +110,10 @@ def sample(model: Callable, shape: Optional[Sequence[int]] = None, steps: int = 
            clip_denoised: bool = True, sampler: str = "ddim", x_T: Optional[torch.Tensor] = None,
            n: int = 16, model_kwargs: Optional[dict] = None, progress: bool = False,
            device=None, dtype: torch.dtype = torch.float32, sample_offset: int = 0,
-           cuda_graph: bool = False, compile: Optional[str] = None) -> torch.Tensor:
+           cuda_graph: bool = False, compile: Optional[str] = None,
+           y: Optional[Union[int, torch.Tensor]] = None, guidance_scale: float = 0.0,
+           classifier: Optional[Callable] = None, classifier_scale: float = 1.0,
+           null_label: Optional[int] = None) -> torch.Tensor:
     """Draw samples by DDIM (Eq. 114, sigma from Eq. 119) or ancestral DDPM.
 
     model: any callable model(x_t, t, **model_kwargs), t a LongTensor (B,) of original timesteps.
@@ -121,6 +125,14 @@ def sample(model: Callable, shape: Optional[Sequence[int]] = None, steps: int = 
     cuda_graph: capture model call + step once as a CUDA graph and replay it for every step
         (CUDA tensors only; ValueError on CPU). compile: a torch.compile mode for the model,
         e.g. "reduce-overhead". Same samples as the plain loop; see fastdiff/cuda_graphs.py.
+    y: class labels (int or (B,)): passed to the model as `y=` when it is class-conditional
+        (has a `num_classes` attribute that is not None), and the classifier's target.
+    guidance_scale: classifier-free guidance w (Ho & Salimans): eps~ = (1 + w) eps(x, y) -
+        w eps(x, none); 0 samples p(x | y). The "no label" index is `null_label`, by default
+        model.num_classes.
+    classifier, classifier_scale: classifier guidance (Dhariwal & Nichol) toward y with a
+        time-conditioned classifier(x_t, t) -> logits: DDIM uses eps - s sqrt(1 - abar)
+        grad log p(y | x_t); ancestral sampling shifts the mean by s Sigma grad log p(y | x_t).
     """
     _check_choice("sampler", sampler, SAMPLERS)
     if not isinstance(eta, (int, float)) or isinstance(eta, bool) or not np.isfinite(eta) or eta < 0:
@@ -155,9 +167,28 @@ def sample(model: Callable, shape: Optional[Sequence[int]] = None, steps: int = 
     # learned variance; DDIM's sigma comes from eta, so it is handed the mean channels.
     variance = d.variance if (sampler == "ddpm" and d.learned_variance) else "fixed"
     mean_only = sampler == "ddim" and d.learned_variance
+    batch = x.shape[0]
+    model_fn = model
+    if guidance_scale is None or not np.isfinite(guidance_scale) or guidance_scale < 0:
+        raise ValueError(f"guidance_scale must be a finite number >= 0, got {guidance_scale!r}")
+    if classifier is not None and (classifier_scale is None or not np.isfinite(classifier_scale)):
+        raise ValueError(f"classifier_scale must be a finite number, got {classifier_scale!r}")
+    if y is not None:
+        num_classes = getattr(model, "num_classes", None)
+        labels = guidance.as_labels(y, batch, x.device, num_classes)
+        if guidance_scale > 0:
+            model_fn = guidance.ClassifierFreeGuidance(model, labels, guidance_scale,
+                                                       guidance.null_label_of(model, null_label),
+                                                       x.shape[1] if d.learned_variance else None)
+        elif num_classes is not None:  # a class-conditional model sees the labels
+            model_fn = functools.partial(model, y=labels)
+    elif guidance_scale > 0 or classifier is not None:
+        raise ValueError("guidance needs the target labels: pass y=")
+    if classifier is not None and (cuda_graph or compile is not None):
+        raise ValueError("classifier guidance needs a gradient per step: use it without cuda_graph/compile")
     if cuda_graph or compile is not None:
         from fastdiff.cuda_graphs import sample_loop
-        return sample_loop(model, x, coefs, d.timestep_map, seed=seed, sample_offset=sample_offset,
+        return sample_loop(model_fn, x, coefs, d.timestep_map, seed=seed, sample_offset=sample_offset,
                            clip_denoised=clip_denoised, variance=variance, mean_only=mean_only,
                            model_kwargs=model_kwargs, split_output=d.split_output, cuda_graph=cuda_graph,
                            compile=compile)
@@ -165,11 +196,25 @@ def sample(model: Callable, shape: Optional[Sequence[int]] = None, steps: int = 
     if progress:
         from tqdm.auto import tqdm
         indices = tqdm(indices, desc=f"{sampler} sampling", total=d.T)
-    batch = x.shape[0]
     for i in indices:
         t = torch.full((batch,), int(d.timestep_map[i]), dtype=torch.long, device=x.device)
-        out = model(x, t, **(model_kwargs or {})).to(x.dtype)
-        mean_part, _ = d.split_output(out, x)  # shape check with a clear message
-        x = ops.sampler_step(x, mean_part if mean_only else out, coefs[i], seed=seed, step=i, sample_offset=sample_offset,
-                             clip_denoised=clip_denoised, variance=variance)
+        out = model_fn(x, t, **(model_kwargs or {})).to(x.dtype)
+        mean_part, var_part = d.split_output(out, x)  # shape check with a clear message
+        grad = None
+        if classifier is not None:
+            grad = classifier_scale * guidance.classifier_log_prob_grad(classifier, x, t, labels)
+            if sampler == "ddim":
+                # eps^ = eps - s sqrt(1 - abar) grad, expressed in the model's parameterisation
+                # through x0 = a1 x + a2 out (x0 moves by -sqrt((1 - abar) / abar) d_eps)
+                ac = d.alphas_cumprod[i].item()
+                shift = np.sqrt((1.0 - ac) / ac) * np.sqrt(1.0 - ac) / coefs[i].a2
+                mean_part = mean_part + shift * grad
+                out = torch.cat([mean_part, var_part], dim=1) if var_part is not None else mean_part
+        x_next = ops.sampler_step(x, mean_part if mean_only else out, coefs[i], seed=seed, step=i,
+                                  sample_offset=sample_offset, clip_denoised=clip_denoised, variance=variance)
+        if grad is not None and sampler == "ddpm":
+            # mean + s Sigma grad log p(y | x_t): Sigma is the reverse step's variance
+            log_var = d.model_log_variance(torch.full((batch,), i, dtype=torch.long, device=x.device), x, var_part)
+            x_next = x_next + torch.exp(log_var) * grad
+        x = x_next
     return x

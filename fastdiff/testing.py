@@ -45,11 +45,32 @@ class OracleModel(torch.nn.Module):
         self.prediction = _check_choice("prediction", prediction, PREDICTIONS)
         self.sample_shape = tuple(oracle.sample_shape)
 
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    @property
+    def num_classes(self) -> Optional[int]:
+        """Labels 0..num_classes-1; num_classes itself is "no label" (classifier-free guidance)."""
+        return getattr(self.oracle, "num_classes", None)
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
         x = x_t.to(torch.float64)
         ac = self.schedule.alphas_cumprod.to(x.device)[t.long()].reshape(-1, *([1] * (x.dim() - 1)))
-        x0 = self.oracle.posterior_mean(x, ac)
+        x0 = self.oracle.posterior_mean(x, ac) if y is None else self.oracle.posterior_mean(x, ac, y=y)
         return prediction_from_x0(x, x0, ac, self.prediction).to(x_t.dtype)
+
+
+class OracleClassifier(torch.nn.Module):
+    """classifier(x_t, t) -> log p(y | x_t) for every class (B, num_classes), exactly:
+    the noised law's class posterior, differentiable in x_t (classifier guidance)."""
+
+    def __init__(self, oracle: "GaussianMixture", schedule: NoiseSchedule):
+        super().__init__()
+        if oracle.classes is None:
+            raise ValueError("the mixture has no classes: build it with classes=[...]")
+        self.oracle, self.schedule = oracle, schedule
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        x = x_t.reshape(x_t.shape[0], -1).to(torch.float64)
+        ac = self.schedule.alphas_cumprod.to(x.device)[t.long()].reshape(-1, 1)
+        return self.oracle.class_log_posterior(x, ac).to(x_t.dtype)
 
 
 class GaussianMixture:
@@ -62,7 +83,7 @@ class GaussianMixture:
     """
 
     def __init__(self, means, covariances, weights: Optional[Sequence[float]] = None,
-                 sample_shape: Optional[Sequence[int]] = None):
+                 sample_shape: Optional[Sequence[int]] = None, classes: Optional[Sequence[int]] = None):
         means = torch.as_tensor(means, dtype=torch.float64)
         if means.dim() != 2:
             raise ValueError(f"means must have shape (K, D), got {tuple(means.shape)}")
@@ -86,6 +107,14 @@ class GaussianMixture:
         self.sample_shape = tuple(sample_shape) if sample_shape is not None else (D,)
         if math.prod(self.sample_shape) != D:
             raise ValueError(f"sample_shape {self.sample_shape} must hold D={D} elements")
+        # classes[k]: the label of component k (class-conditional law p(x | y))
+        self.classes = None if classes is None else torch.as_tensor(classes, dtype=torch.int64)
+        if self.classes is not None:
+            if self.classes.shape != (K,) or self.classes.min() < 0:
+                raise ValueError(f"classes must be {K} labels >= 0, got {list(classes)}")
+            self.num_classes = int(self.classes.max()) + 1
+            if set(self.classes.tolist()) != set(range(self.num_classes)):
+                raise ValueError(f"classes must use every label 0..{self.num_classes - 1}, got {list(classes)}")
 
     @classmethod
     def three_component_2d(cls) -> "GaussianMixture":
@@ -99,12 +128,40 @@ class GaussianMixture:
                             torch.eye(2, dtype=torch.float64) * 0.1 ** 2])
         return cls(means, covs, weights=[0.5, 0.3, 0.2])
 
+    @classmethod
+    def two_class_2d(cls) -> "GaussianMixture":
+        """Two classes, each a pair of anisotropic components (the guidance tests' law)."""
+        means = [[-0.6, 0.3], [0.5, 0.6], [-0.2, -0.5], [0.7, -0.3]]
+        covs = torch.tensor([[0.05, 0.02], [0.03, 0.06], [0.06, 0.03], [0.02, 0.05]], dtype=torch.float64) ** 2 * 10
+        return cls(means, covs, weights=[0.3, 0.2, 0.25, 0.25], classes=[0, 0, 1, 1])
+
     @property
     def dim(self) -> int:
         return self.means.shape[1]
 
     def model(self, schedule: NoiseSchedule, prediction: str = "eps") -> OracleModel:
         return OracleModel(self, schedule, prediction)
+
+    def classifier(self, schedule: NoiseSchedule) -> OracleClassifier:
+        return OracleClassifier(self, schedule)
+
+    def conditional(self, label: int) -> "GaussianMixture":
+        """The law p(x | y = label), a mixture of that class's components."""
+        if self.classes is None:
+            raise ValueError("the mixture has no classes")
+        keep = self.classes == label
+        if not keep.any():
+            raise ValueError(f"label must be in [0, {self.num_classes - 1}], got {label}")
+        w = self.weights[keep]
+        return GaussianMixture(self.means[keep], self.covariances[keep], (w / w.sum()).tolist(), self.sample_shape)
+
+    def class_log_posterior(self, x: torch.Tensor, alpha_cumprod: torch.Tensor) -> torch.Tensor:
+        """log p(y | x_t) for every class, (B, num_classes); x (B, D), alpha_cumprod (B, 1)."""
+        log_pdf, _, _ = self._component_terms(x, alpha_cumprod)
+        joint = log_pdf + self.weights.log()                                     # (B, K)
+        per_class = torch.stack([torch.logsumexp(joint[:, self.classes == c], dim=1)
+                                 for c in range(self.num_classes)], dim=1)
+        return per_class - torch.logsumexp(joint, dim=1, keepdim=True)
 
     def sample(self, n: int, generator: Optional[torch.Generator] = None, return_labels: bool = False):
         labels = torch.multinomial(self.weights, n, replacement=True, generator=generator)
@@ -137,13 +194,26 @@ class GaussianMixture:
         log_pdf, _, _ = self._component_terms(x, ac)
         return torch.softmax(log_pdf + self.weights.log(), dim=1)
 
-    def posterior_mean(self, x_t: torch.Tensor, alpha_cumprod: torch.Tensor) -> torch.Tensor:
-        """E[x_0 | x_t] = sum_k p(k | x_t) (mu_k + sqrt(abar) Sigma_k S_k^{-1} (x_t - sqrt(abar) mu_k))."""
+    def posterior_mean(self, x_t: torch.Tensor, alpha_cumprod: torch.Tensor,
+                       y: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """E[x_0 | x_t] = sum_k p(k | x_t) (mu_k + sqrt(abar) Sigma_k S_k^{-1} (x_t - sqrt(abar) mu_k)).
+
+        With labels y (B,), E[x_0 | x_t, y]: only class y's components; y == num_classes
+        means "no label" (the unconditional law)."""
         shape = x_t.shape
         x = x_t.reshape(shape[0], -1).to(torch.float64)
         ac = alpha_cumprod.reshape(-1, 1).to(torch.float64).expand(shape[0], 1)
         log_pdf, r, s = self._component_terms(x, ac)
-        resp = torch.softmax(log_pdf + self.weights.log(), dim=1)                  # (B, K)
+        logits = log_pdf + self.weights.log()
+        if y is not None:
+            if self.classes is None:
+                raise ValueError("labels given to a mixture without classes")
+            y = y.to(x.device).long().reshape(-1, 1)
+            if y.min() < 0 or y.max() > self.num_classes:
+                raise ValueError(f"labels must be in [0, {self.num_classes}], got {y.flatten().tolist()[:8]}")
+            allowed = (self.classes.unsqueeze(0) == y) | (y == self.num_classes)
+            logits = logits.masked_fill(~allowed, -math.inf)
+        resp = torch.softmax(logits, dim=1)                                         # (B, K)
         gain = ac.reshape(-1, 1, 1).sqrt() * self.eigvals.unsqueeze(0) / s         # (B, K, D)
         x0_k = self.means.unsqueeze(0) + torch.einsum("kij,bkj->bki", self.eigvecs, gain * r)
         return (resp.unsqueeze(-1) * x0_k).sum(1).reshape(shape)
