@@ -104,7 +104,13 @@ def plot_curve(xs: Sequence[float], ys: Sequence[float], path, title: str = "tra
         draw.line([X, y1, X, y1 + 4], fill="black")
         draw.line([X, y0, X, y1], fill=(230, 230, 230))
         draw.text((X, y1 + 6), _fmt(t), fill="black", font=font, anchor="mt")
-    for t in _nice_ticks(ylo, yhi):
+    if log_y:  # decades, with 2x and 5x when the range spans few of them
+        mults = (1, 2, 5) if yhi - ylo < 2.5 else (1,)
+        yticks = [math.log10(m) + k for k in range(math.floor(ylo), math.ceil(yhi) + 1) for m in mults]
+        yticks = [t for t in yticks if ylo <= t <= yhi]
+    else:
+        yticks = _nice_ticks(ylo, yhi)
+    for t in yticks:
         Y = py(t)
         draw.line([x0 - 4, Y, x0, Y], fill="black")
         draw.line([x0, Y, x1, Y], fill=(230, 230, 230))
