@@ -70,7 +70,9 @@ def plan(out_dir: Path, python: str = sys.executable, skip_build: bool = False, 
         # installed package (its compiled modules, and fastdiff.triton_kernels, live only there).
         pytest_exe = Path(python).parent / "pytest"
         runner = [str(pytest_exe)] if pytest_exe.exists() else [python, "-P", "-m", "pytest"]
-        steps.append(Step("tests", runner + ["-q", "-p", "no:cacheprovider", "tests/"], 90,
+        # The GPU path's own tests first, so that a timeout still leaves their verdict in the output.
+        first = ["tests/test_triton_kernels.py", "tests/test_cuda_graphs.py", "tests/test_cuda_build.py"]
+        steps.append(Step("tests", runner + ["-q", "-p", "no:cacheprovider", *first, "tests/"], 90,
                           env={"FASTDIFF_TEST_DEVICE": "cuda"}))
     per_group = {"copy": 10, "sampler_step": 25, "group_norm_silu": 40, "attention": 35, "sampling": 120}
     for group in groups:
