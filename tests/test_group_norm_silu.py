@@ -282,3 +282,17 @@ def test_silu_saturates_for_extreme_activations():
     expected = group_norm_silu_reference(_f64(x), 2, _f64(weight), _f64(bias))[0]
     assert torch.isfinite(y).all()
     torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+@native
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_nan_and_inf_poison_their_group_like_torch(channels_last):
+    x, w, b = _inputs((2, 8, 4, 4), 4, channels_last=channels_last)
+    with torch.no_grad():
+        x[0, 0, 0, 0] = float("nan")
+        x[1, 5, 1, 1] = float("inf")
+    with use_backend("native"):
+        y = group_norm_silu(x, 4, w, b)
+    expected = F.silu(F.group_norm(x, 4, w, b))
+    assert torch.equal(y.isnan(), expected.isnan())
+    torch.testing.assert_close(y[~expected.isnan()], expected[~expected.isnan()], rtol=1e-5, atol=1e-5)
