@@ -1,6 +1,10 @@
 """The U-Net end to end on the CPU: DDIM sampling and training-step throughput.
 
     pytest bench/bench_unet.py --benchmark-only
+    FASTDIFF_BENCH_THREADS=1 pytest bench/bench_unet.py --benchmark-only   # one thread, CPU time
+
+The second form (as bench_group_norm_silu.py) times process CPU time on one thread, so that
+the other tenants of a shared machine drop out of the figures.
 
 For each preset (ddpm-cifar10 at batch 8, small at batch 16) and precision (fp32;
 bf16 autocast + channels_last):
@@ -14,12 +18,19 @@ configuration when diffusers is installed (`pip install fastdiff[bench]`; skippe
 from __future__ import annotations
 
 import contextlib
+import os
+import time
 
 import pytest
 import torch
 
 import fastdiff
 from fastdiff.models.unet import UNet
+
+if os.environ.get("FASTDIFF_BENCH_THREADS"):
+    torch.set_num_threads(int(os.environ["FASTDIFF_BENCH_THREADS"]))
+if os.environ.get("FASTDIFF_BENCH_THREADS") == "1":
+    pytestmark = pytest.mark.benchmark(timer=time.process_time)
 
 CASES = [("ddpm-cifar10", 8), ("small", 16)]
 PRECISIONS = ["fp32", "bf16-cl"]
