@@ -246,3 +246,15 @@ def _t(*shape, dtype=torch.float32):
 def test_bad_input(call, error, match):
     with pytest.raises(error, match=match):
         call()
+
+
+@native
+def test_nan_and_inf_propagate_like_sdpa():
+    q, k, v = _qkv(1, 2, 70, 70, 16)
+    q[0, 0, 3, 2] = float("nan")  # one query row
+    k[0, 1, 5, 0] = float("inf")  # one key: every score of head 1 is +-inf or nan
+    with use_backend("native"):
+        out = attention(q, k, v)
+    expected = F.scaled_dot_product_attention(q, k, v)
+    assert torch.equal(out.isnan(), expected.isnan())
+    torch.testing.assert_close(out[~expected.isnan()], expected[~expected.isnan()], rtol=1e-5, atol=1e-5)

@@ -18,6 +18,11 @@
 //   row updates: acc[d]      += p[key]  * v[key][d]    (head dim innermost)
 #include "cpu/attention.h"
 
+// Finite math for this file only (as in group_norm_silu.cpp): the exp clamps of the
+// softmax become vmaxps/vminps. Nothing here is infinite: the running max starts at
+// kNoScore and padding rows use -kNoScore, finite sentinels whose exp underflows to 0.
+#pragma GCC optimize("finite-math-only", "no-signed-zeros")
+
 #include <algorithm>
 #include <cmath>
 #include <type_traits>
@@ -29,9 +34,9 @@
 namespace fastdiff {
 namespace {
 
-constexpr int kBlockQ = 64;  // query rows per tile (multiple of kRowsPerPass)
+constexpr int kBlockQ = 64;  // query rows per tile
 constexpr int kBlockK = 64;  // keys per tile
-constexpr int kRowsPerPass = 4;
+constexpr float kNoScore = -1e30f;  // below any real score; exp(kNoScore - s) = 0
 
 // Per-thread scratch, grown on demand and reused across tasks and calls.
 float* scratch(std::size_t floats) {
@@ -132,7 +137,7 @@ void forward(const AttentionArgs& a) {
     load_rows_transposed<T, kD, kBlockQ>(q + b * a.q_stride[0] + h * a.q_stride[1] + q0 * a.q_stride[2],
                                          a.q_stride[2], nq, D, qt, a.scale);
     std::fill(o, o + kBlockQ * kD, 0.0f);
-    std::fill(m, m + kBlockQ, -INFINITY);
+    std::fill(m, m + kBlockQ, kNoScore);
     std::fill(l, l + kBlockQ, 0.0f);
     const T* kb = k + b * a.k_stride[0] + h * a.k_stride[1];
     const T* vb = v + b * a.v_stride[0] + h * a.v_stride[1];
@@ -154,7 +159,7 @@ void forward(const AttentionArgs& a) {
       }
 #pragma omp simd
       for (int i = 0; i < kBlockQ; ++i) {
-        alpha[i] = exp_approx(m[i] - new_max[i]);  // 0 on the first block (m = -inf)
+        alpha[i] = exp_approx(m[i] - new_max[i]);  // 0 on the first block (m = kNoScore)
         m[i] = new_max[i];
       }
       for (int64_t j = 0; j < nk; ++j) {
@@ -207,7 +212,7 @@ void backward(const AttentionBackwardArgs& a) {
     float* qs = scratch(3 * lq_pad * kD + 2 * lq_pad + 5 * kBlockK * kD + 2 * kBlockQ * kBlockK);
     float* dos = qs + lq_pad * kD;      // (lq_pad, kD) dO
     float* dq = dos + lq_pad * kD;      // (lq_pad, kD) dQ accumulator (without scale)
-    float* lse = dq + lq_pad * kD;      // (lq_pad,) +inf on padding rows: P = 0 there
+    float* lse = dq + lq_pad * kD;      // (lq_pad,) -kNoScore on padding rows: P = 0 there
     float* delta = lse + lq_pad;        // (lq_pad,) rowsum(dO * O)
     float* ks = delta + lq_pad;         // (kBlockK, kD) keys
     float* kt = ks + kBlockK * kD;      // (kD, kBlockK) keys, transposed
@@ -228,7 +233,7 @@ void backward(const AttentionBackwardArgs& a) {
         for (int64_t d = 0; d < D; ++d) acc += dos[i * kD + d] * load_value(ob, i * D + d);
         delta[i] = acc;
       } else {
-        lse[i] = INFINITY;
+        lse[i] = -kNoScore;
         delta[i] = 0.0f;
       }
     }
@@ -256,7 +261,7 @@ void backward(const AttentionBackwardArgs& a) {
             dsi[j] = pij * (dsi[j] - delta_i);
           }
         }
-        // Rows past Lq have P = dS = 0 (lse = +inf there), so they add nothing.
+        // Rows past Lq have P = dS = 0 (lse = -kNoScore there), so they add nothing.
         gemm_tile<kBlockK, kBlockQ, kD, 1, kBlockK, kD, kD, true>(p, doi, dv);   // dV += P^T dO
         gemm_tile<kBlockK, kBlockQ, kD, 1, kBlockK, kD, kD, true>(ds, qi, dk);   // dK += dS^T (scale Q)
         gemm_tile<kBlockQ, kBlockK, kD, kBlockK, 1, kD, kD, true>(ds, ks, dq + q0 * kD);  // dQ += dS K
