@@ -210,11 +210,13 @@ def sample(model: Callable, shape: Optional[Sequence[int]] = None, steps: int = 
                 shift = np.sqrt((1.0 - ac) / ac) * np.sqrt(1.0 - ac) / coefs[i].a2
                 mean_part = mean_part + shift * grad
                 out = torch.cat([mean_part, var_part], dim=1) if var_part is not None else mean_part
-        x_next = ops.sampler_step(x, mean_part if mean_only else out, coefs[i], seed=seed, step=i,
-                                  sample_offset=sample_offset, clip_denoised=clip_denoised, variance=variance)
         if grad is not None and sampler == "ddpm":
             # mean + s Sigma grad log p(y | x_t): Sigma is the reverse step's variance
             log_var = d.model_log_variance(torch.full((batch,), i, dtype=torch.long, device=x.device), x, var_part)
-            x_next = x_next + torch.exp(log_var) * grad
-        x = x_next
+            grad = torch.exp(log_var) * grad
+        # x is the loop's own buffer (a clone of x_T or fresh noise): update it in place
+        ops.sampler_step(x, mean_part if mean_only else out, coefs[i], seed=seed, step=i,
+                         sample_offset=sample_offset, clip_denoised=clip_denoised, variance=variance, out=x)
+        if grad is not None and sampler == "ddpm":
+            x += grad
     return x

@@ -217,3 +217,29 @@ def test_compiles_without_graph_break():
     x, out = _inputs((2, 3, 8, 8))
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(compiled(x, out), step(x, out))
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("native", marks=needs_native)])
+def test_out_and_in_place(backend):
+    x, out = _inputs((4, 3, 9, 9))
+    with ops.use_backend(backend):
+        expected = ops.sampler_step(x, out, COEFS, seed=6, step=2, clip_denoised=True)
+        buf = torch.empty_like(x)
+        assert ops.sampler_step(x, out, COEFS, seed=6, step=2, clip_denoised=True, out=buf) is buf
+        torch.testing.assert_close(buf, expected, rtol=0, atol=0)
+        x_in_place = x.clone()
+        ops.sampler_step(x_in_place, out, COEFS, seed=6, step=2, clip_denoised=True, out=x_in_place)
+        torch.testing.assert_close(x_in_place, expected, rtol=0, atol=0)
+        strided = torch.empty(4, 3, 9, 18)[..., ::2]  # non-contiguous out: written through a copy
+        ops.sampler_step(x, out, COEFS, seed=6, step=2, clip_denoised=True, out=strided)
+        torch.testing.assert_close(strided, expected, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="out must be a tensor like x_t"):
+        ops.sampler_step(x, out, COEFS, seed=6, step=2, out=torch.empty(4, 3, 9))
+    with pytest.raises(ValueError, match="out must be a tensor like x_t"):
+        ops.sampler_step(x, out, COEFS, seed=6, step=2, out=torch.empty_like(x, dtype=torch.float64))
+
+
+def test_opcheck_out_variant():
+    x, out = _inputs((2, 3, 4, 4))
+    from fastdiff.ops.sampler_step import _sampler_step_out_op
+    torch.library.opcheck(_sampler_step_out_op, (x, out, COEFS.as_list(), 1, 2, 0, True, 0, torch.empty_like(x)))

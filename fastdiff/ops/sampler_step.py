@@ -14,7 +14,7 @@ the model's variance channels ("learned") or Eq. 101's interpolation between
 from __future__ import annotations
 
 import dataclasses
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
@@ -120,24 +120,32 @@ def _samples_contiguous(t: torch.Tensor) -> bool:
         expected *= size
     return t.shape[0] <= 1 or t.stride(0) >= expected
 
-def _sampler_step_native(x_t, model_output, coefs, seed, step, sample_offset, clip_denoised, variance_mode):
+def _sampler_step_native(x_t, model_output, coefs, seed, step, sample_offset, clip_denoised, variance_mode,
+                         out=None):
+    """The C++ kernel; writes `out` when given (it may be x_t itself: the update is
+    elementwise, each element read before it is written)."""
     compute_dtype = x_t.dtype if x_t.dtype in _NATIVE_DTYPES else torch.float32
     x = x_t.to(compute_dtype).contiguous()
-    out = model_output.to(compute_dtype)
-    if not (variance_mode == 0 and _samples_contiguous(out)):
-        out = out.contiguous()  # a slice out[:, :C] of a contiguous output is read in place
-    y = torch.empty_like(x, memory_format=torch.contiguous_format)
+    mo = model_output.to(compute_dtype)
+    if not (variance_mode == 0 and _samples_contiguous(mo)):
+        mo = mo.contiguous()  # a slice out[:, :C] of a contiguous output is read in place
+    direct = out is not None and out.dtype == compute_dtype and out.is_contiguous()
+    y = out if direct else torch.empty_like(x, memory_format=torch.contiguous_format)
     batch = x.shape[0]
     numel = x[0].numel() if batch else 0
     if batch and numel:
         a1, a2, c1, c2, sigma, min_log, max_log = coefs
         _backend.native_lib.sampler_step(
-            x=x.data_ptr(), model_output=out.data_ptr(), y=y.data_ptr(), batch=batch,
-            numel_per_sample=numel, output_sample_stride=out.stride(0) if variance_mode == 0 else out[0].numel(), a1=a1, a2=a2, c1=c1, c2=c2,
-            sigma=sigma, min_log=min_log, max_log=max_log, seed=seed, step=step,
+            x=x.data_ptr(), model_output=mo.data_ptr(), y=y.data_ptr(), batch=batch, numel_per_sample=numel,
+            output_sample_stride=mo.stride(0) if variance_mode == 0 else mo[0].numel(),
+            a1=a1, a2=a2, c1=c1, c2=c2, sigma=sigma, min_log=min_log, max_log=max_log, seed=seed, step=step,
             sample_offset=sample_offset, clip=clip_denoised, variance_mode=variance_mode,
             dtype=_NATIVE_DTYPES[compute_dtype], num_threads=torch.get_num_threads())
-    return y.to(x_t.dtype)
+    if out is None:
+        return y.to(x_t.dtype)
+    if not direct:
+        out.copy_(y)
+    return out
 
 
 # --------------------------------------------------------------------------- custom op
@@ -158,6 +166,22 @@ def _(x_t, model_output, coefs, seed, step, sample_offset, clip_denoised, varian
     return torch.empty_like(x_t, memory_format=torch.contiguous_format)
 
 
+@torch.library.custom_op("fastdiff::sampler_step_out", mutates_args=("out",))
+def _sampler_step_out_op(x_t: torch.Tensor, model_output: torch.Tensor, coefs: List[float], seed: int,
+                         step: int, sample_offset: int, clip_denoised: bool, variance_mode: int,
+                         out: torch.Tensor) -> None:
+    """`fastdiff::sampler_step` writing into `out` (which may be x_t): no allocation, no
+    first-touch page faults of a fresh output on every step."""
+    backend = _backend.resolve(x_t.device, "sampler_step", has_triton_kernel=_triton_impl() is not None)
+    args = (x_t, model_output, coefs, seed, step, sample_offset, clip_denoised, variance_mode)
+    if backend == "native":
+        _sampler_step_native(*args, out=out)
+    elif backend == "triton":
+        out.copy_(_triton_impl()(*args))
+    else:
+        out.copy_(sampler_step_reference(*args))
+
+
 def _triton_module():
     try:
         from fastdiff.triton_kernels import sampler_step as triton_module  # type: ignore
@@ -173,18 +197,27 @@ def _triton_impl():
 
 def sampler_step(x_t: torch.Tensor, model_output: torch.Tensor, coefs: StepCoefficients, *, seed: int,
                  step: int, sample_offset: int = 0, clip_denoised: bool = False,
-                 variance: str = "fixed") -> torch.Tensor:
+                 variance: str = "fixed", out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """One fused reverse step; returns x_{t-1} (contiguous, x_t's dtype).
 
     `step` indexes the noise stream (the sampler's step counter), `sample_offset` is the
     global index of this batch's first sample, so a batch split into pieces draws the
-    same noise as the whole batch.
+    same noise as the whole batch. With `out` (x_t itself is allowed) the result is
+    written there and `out` returned.
     """
     if not isinstance(coefs, StepCoefficients):
         raise TypeError(f"coefs must be a fastdiff.ops.StepCoefficients, got {type(coefs).__name__}")
     mode = _check_step_inputs(x_t, model_output, variance, seed, step, sample_offset)
-    return _sampler_step_op(x_t, model_output, coefs.as_list(), seed, step, sample_offset,
-                            bool(clip_denoised), mode)
+    if out is None:
+        return _sampler_step_op(x_t, model_output, coefs.as_list(), seed, step, sample_offset,
+                                bool(clip_denoised), mode)
+    if not isinstance(out, torch.Tensor) or out.shape != x_t.shape or out.dtype != x_t.dtype \
+            or out.device != x_t.device:
+        raise ValueError(f"out must be a tensor like x_t ({tuple(x_t.shape)}, {x_t.dtype}, {x_t.device}), got "
+                         f"{tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__}")
+    _sampler_step_out_op(x_t, model_output, coefs.as_list(), seed, step, sample_offset, bool(clip_denoised),
+                         mode, out)
+    return out
 
 
 # --------------------------------------------------------------------------- table-driven step
