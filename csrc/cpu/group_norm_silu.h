@@ -76,21 +76,23 @@ inline uint16_t float_to_bf16(float f) {
 inline void store_value(float* p, int64_t i, float v) { p[i] = v; }
 inline void store_value(uint16_t* p, int64_t i, float v) { p[i] = float_to_bf16(v); }
 
-// e^x for fp32, ~1 ulp, for x in [-87.3, 88.3] (2^n stays a normal float): Cody-Waite
-// reduction x = n ln2 + r, |r| <= ln2/2, then a degree-7 Taylor polynomial of e^r
-// (truncation < 4e-9 relative) scaled by 2^n through the exponent bits.
+// e^x for fp32, ~2 ulp, for x in [-87.3, 88.3] (2^n stays a normal float): Cody-Waite
+// reduction x = n ln2 + r, |r| <= ln2/2, then a polynomial of e^r scaled by 2^n through
+// the exponent bits.
 inline float exp_in_range(float x) {
   const float kLog2e = 1.44269504088896341f;
   const float kLn2Hi = 0.693145751953125f;     // ln 2, first 16 bits (exact n * kLn2Hi)
   const float kLn2Lo = 1.428606765330187e-06f;  // ln 2 - kLn2Hi
   const float n = std::nearbyint(x * kLog2e);
   const float r = (x - n * kLn2Hi) - n * kLn2Lo;
-  float p = 1.0f / 5040.0f;
-  p = p * r + 1.0f / 720.0f;
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
+  // Degree-6 near-minimax fit of e^r on [-ln2/2, ln2/2] (iteratively reweighted least
+  // squares on the relative error): 1.9e-9 in exact arithmetic, 1e-7 evaluated in fp32,
+  // as accurate as the degree-7 Taylor series with one FMA less.
+  float p = 0.001383684342727065f;
+  p = p * r + 0.008374815806746483f;
+  p = p * r + 0.04166822507977486f;
+  p = p * r + 0.16666419804096222f;
+  p = p * r + 0.49999991059303284f;
   p = p * r + 1.0f;
   p = p * r + 1.0f;
   return p * bits_to_float(uint32_t(int32_t(n) + 127) << 23);
