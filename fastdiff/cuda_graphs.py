@@ -58,7 +58,7 @@ class _StaticLoop:
     def step(self) -> None:
         """One reverse step on the static buffers; device work only (what a replay repeats)."""
         batch = self.static_x.shape[0]
-        t = self.timestep_map.index_select(0, self.step_index.reshape(1)).expand(batch)
+        t = self.timestep_map.index_select(0, self.step_index.reshape(1)).expand(batch).contiguous()
         out = self._model()(self.static_x, t, **self.model_kwargs).to(self.static_x.dtype)
         mean_part, _ = self.split_output(out, self.static_x)
         new_x = sampler_step_table(self.static_x, mean_part if self.mean_only else out, self.coef_table,
