@@ -96,6 +96,8 @@ def add_fid_parser(eval_subparsers) -> argparse.ArgumentParser:
                    "train one into a cache folder next to SOURCE if none is there yet")
     e.add_argument("--features-steps", type=_positive_int, default=DEFAULT_FEATURE_STEPS,
                    help=f"training steps for that on-the-fly network (default: {DEFAULT_FEATURE_STEPS})")
+    e.add_argument("--features-dataset-size", type=_positive_int, default=4000,
+                   help="generated shapes to train that network on (default: 4000)")
     e.add_argument("--n", type=_positive_int, default=2000,
                    help="number of generated and of reference images (default: 2000; an .npz with fewer "
                    "images uses all it has)")
@@ -179,7 +181,8 @@ def _extractor(args, base: Path):
         print(f"no --shapes-features given: training the shapes feature network ({args.features_steps} steps, "
               f"seed {args.seed}) into {cache}", flush=True)
         t0 = time.time()
-        train_shapes_features(cache, steps=args.features_steps, seed=args.seed, progress=not args.no_progress)
+        train_shapes_features(cache, steps=args.features_steps, seed=args.seed,
+                              dataset_size=args.features_dataset_size, progress=not args.no_progress)
         print(f"trained in {time.time() - t0:.1f}s", flush=True)
     return load_shapes_features(cache)
 
@@ -204,13 +207,13 @@ def cmd_eval_fid(args: argparse.Namespace) -> int:
     n_gen = min(args.n, len(generated))
     if n_gen < 2:
         raise _user_error(f"{source}: FID needs at least 2 generated images, got {n_gen}")
+    extractor = _extractor(args, base)
     size = generated.shape[-1]
     reference = load_dataset(args.data, image_size=size, train=args.split == "train", seed=0,
                              n=args.n if args.data == "shapes" else None)
     n_ref = min(args.n, len(reference))
     if n_ref < 2:
         raise _user_error(f"{args.data}: FID needs at least 2 reference images, got {n_ref}")
-    extractor = _extractor(args, base)
     f_gen = _features(extractor, generated, n_gen, args.batch_size)
     f_ref = _features(extractor, reference, n_ref, args.batch_size)
     fid = fid_from_features(f_ref, f_gen)

@@ -1,0 +1,485 @@
+"""Metrics against closed forms; feature extractors by construction and round trips; the
+`eval fid` command on a tiny .npz."""
+import argparse
+import json
+import math
+
+import mpmath
+import numpy as np
+import pytest
+import torch
+
+import fastdiff.evaluation as ev
+from fastdiff.evaluation import (FeatureStats, FIDInceptionV3, InceptionV3Features, ShapesCNN, ShapesFeatures,
+                                 fid_from_features, frechet_distance, kid, load_shapes_features, precision_recall,
+                                 train_shapes_features)
+
+METHODS = ("eigh", "sqrtm")
+
+
+def _rotation(d, seed):
+    q, r = np.linalg.qr(np.random.default_rng(seed).standard_normal((d, d)))
+    return q * np.sign(np.diag(r))
+
+
+def _fd_2x2(mu1, s1, mu2, s2):
+    """Independent 2-D closed form: a 2x2 matrix A with eigenvalues > 0 has
+    tr √A = √(tr A + 2 √det A) (Cayley–Hamilton: √A = (A + √det A · I) / √(tr A + 2√det A))."""
+    a = s1 @ s2
+    tr_sqrt = math.sqrt(np.trace(a) + 2 * math.sqrt(np.linalg.det(s1) * np.linalg.det(s2)))
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * tr_sqrt)
+
+
+def _fd_mpmath(mu1, s1, mu2, s2, dps=40):
+    """Independent high-precision route: mpmath's matrix square root of Σ1 Σ2 itself."""
+    mpmath.mp.dps = dps
+    A = mpmath.matrix(s1.tolist()) * mpmath.matrix(s2.tolist())
+    root = mpmath.sqrtm(A)
+    tr = sum(root[i, i] for i in range(A.rows))
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * float(mpmath.re(tr)))
+
+
+# --------------------------------------------------------------------------- Fréchet distance
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("d", [1, 5, 64])  # minimal, small, feature-like
+def test_fd_diagonal_closed_form(method, d):
+    rng = np.random.default_rng(d)
+    a, b = rng.uniform(0.01, 3, d), rng.uniform(0.01, 3, d)
+    mu1, mu2 = rng.normal(size=d), rng.normal(size=d)
+    expected = ((mu1 - mu2) ** 2).sum() + ((np.sqrt(a) - np.sqrt(b)) ** 2).sum()
+    got = frechet_distance(mu1, np.diag(a), mu2, np.diag(b), method=method)
+    assert isinstance(got, float)
+    assert got == pytest.approx(expected, rel=1e-9, abs=1e-10)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_fd_rotated_commuting_same_as_diagonal(method):
+    d = 16
+    rng = np.random.default_rng(1)
+    a, b = rng.uniform(0.1, 2, d), rng.uniform(0.1, 2, d)
+    q = _rotation(d, 2)
+    s1, s2 = q @ np.diag(a) @ q.T, q @ np.diag(b) @ q.T
+    s1, s2 = (s1 + s1.T) / 2, (s2 + s2.T) / 2
+    mu = rng.normal(size=d)
+    expected = ((np.sqrt(a) - np.sqrt(b)) ** 2).sum() + 4.0  # mean shift of norm 2
+    shift = q[:, 0] * 2.0
+    assert frechet_distance(mu, s1, mu + shift, s2, method=method) == pytest.approx(expected, rel=1e-9)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_fd_non_commuting_2d_closed_form(method):
+    rng = np.random.default_rng(3)
+    for _ in range(5):
+        s1 = _rotation(2, rng.integers(1 << 30)) @ np.diag(rng.uniform(0.05, 4, 2)) @ _rotation(2, 7).T
+        s1 = s1 @ s1.T
+        s2 = _rotation(2, rng.integers(1 << 30)) @ np.diag(rng.uniform(0.05, 4, 2))
+        s2 = s2 @ s2.T
+        assert not np.allclose(s1 @ s2, s2 @ s1)  # a genuinely rotated case
+        mu1, mu2 = rng.normal(size=2), rng.normal(size=2)
+        assert frechet_distance(mu1, s1, mu2, s2, method=method) == pytest.approx(
+            _fd_2x2(mu1, s1, mu2, s2), rel=1e-9, abs=1e-12)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_fd_general_against_mpmath(method):
+    d = 6
+    rng = np.random.default_rng(4)
+    x, y = rng.standard_normal((d, d)), rng.standard_normal((d, d))
+    s1, s2 = x @ x.T + 0.1 * np.eye(d), y @ y.T + 0.1 * np.eye(d)
+    mu1, mu2 = rng.normal(size=d), rng.normal(size=d)
+    assert frechet_distance(mu1, s1, mu2, s2, method=method) == pytest.approx(
+        _fd_mpmath(mu1, s1, mu2, s2), rel=1e-8, abs=1e-9)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_fd_identity_and_symmetry(method):
+    rng = np.random.default_rng(5)
+    f1 = rng.standard_normal((300, 40)) @ rng.standard_normal((40, 40))
+    f2 = rng.standard_normal((200, 40)) * 1.5 + 0.3
+    m1, s1 = f1.mean(0), np.cov(f1, rowvar=False)
+    m2, s2 = f2.mean(0), np.cov(f2, rowvar=False)
+    scale = np.trace(s1)
+    assert abs(frechet_distance(m1, s1, m1, s1, method=method)) <= 1e-9 * scale
+    ab = frechet_distance(m1, s1, m2, s2, method=method)
+    ba = frechet_distance(m2, s2, m1, s1, method=method)
+    assert ab > 1.0
+    assert ab == pytest.approx(ba, rel=1e-9)
+    # the two routes are independent algorithms: they must agree
+    other = "sqrtm" if method == "eigh" else "eigh"
+    assert ab == pytest.approx(frechet_distance(m1, s1, m2, s2, method=other), rel=1e-8)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_fd_rank_deficient_finite_and_correct(method):
+    # exactly singular diagonal covariances: the closed form still holds (√0 = 0)
+    a = np.array([1.0, 2.0, 0.0, 0.0, 0.5])
+    b = np.array([0.0, 3.0, 0.0, 1.0, 0.5])
+    expected = ((np.sqrt(a) - np.sqrt(b)) ** 2).sum()
+    got = frechet_distance(np.zeros(5), np.diag(a), np.zeros(5), np.diag(b), method=method)
+    assert math.isfinite(got)
+    assert got == pytest.approx(expected, abs=1e-3)  # the eps·I offset may move it by O(√eps)
+    # rank-deficient sample covariances (fewer samples than dimensions), rotated
+    rng = np.random.default_rng(6)
+    f1, f2 = rng.standard_normal((20, 64)), rng.standard_normal((25, 64)) + 0.1
+    m1, s1 = f1.mean(0), np.cov(f1, rowvar=False)
+    m2, s2 = f2.mean(0), np.cov(f2, rowvar=False)
+    assert np.linalg.matrix_rank(s1) < 64
+    fd = frechet_distance(m1, s1, m2, s2, method=method)
+    assert math.isfinite(fd) and fd > 0
+    assert abs(frechet_distance(m1, s1, m1, s1, method=method)) < 1e-6 * np.trace(s1)
+
+
+def test_fd_offset_applied_when_root_not_finite(monkeypatch):
+    """A non-finite square root triggers exactly one retry with eps·I added to both covariances."""
+    real = ev.scipy.linalg.sqrtm
+    seen = []
+
+    def flaky_sqrtm(a):
+        seen.append(a.copy())
+        return np.full_like(a, np.nan) if len(seen) == 1 else real(a)
+
+    monkeypatch.setattr(ev.scipy.linalg, "sqrtm", flaky_sqrtm)
+    a, b = np.array([1.0, 0.0, 2.0]), np.array([0.0, 0.0, 3.0])
+    eps = 1e-4
+    got = frechet_distance(np.zeros(3), np.diag(a), np.ones(3), np.diag(b), eps=eps, method="sqrtm")
+    assert len(seen) == 2
+    np.testing.assert_allclose(seen[1], np.diag(a + eps) @ np.diag(b + eps))
+    # tr Σ1 + tr Σ2 are taken without the offset; only the cross term sees it
+    expected_with_offset = 3.0 + a.sum() + b.sum() - 2 * np.sqrt((a + eps) * (b + eps)).sum()
+    assert got == pytest.approx(expected_with_offset, rel=1e-9)
+
+
+def test_fd_offset_for_eigh_route(monkeypatch):
+    real = ev._trace_sqrt_product_eigh
+    calls = []
+
+    def flaky(s1, s2):
+        calls.append((s1.copy(), s2.copy()))
+        if len(calls) == 1:
+            raise np.linalg.LinAlgError("Eigenvalues did not converge")
+        return real(s1, s2)
+
+    monkeypatch.setattr(ev, "_trace_sqrt_product_eigh", flaky)
+    s = np.diag([1.0, 0.0])
+    got = frechet_distance(np.zeros(2), s, np.zeros(2), s, eps=1e-6)
+    assert len(calls) == 2
+    np.testing.assert_allclose(calls[1][0], s + 1e-6 * np.eye(2))
+    assert math.isfinite(got) and abs(got) < 1e-5
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_fd_significant_imaginary_part_raises(method):
+    # Σ2 is symmetric but indefinite: (Σ1 Σ2)^{1/2} = diag(1, i)
+    with pytest.raises(ValueError, match="imaginary"):
+        frechet_distance(np.zeros(2), np.eye(2), np.zeros(2), np.diag([1.0, -1.0]), method=method)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_fd_negligible_imaginary_part_dropped(method):
+    # roundoff-level negative eigenvalue: tolerated, result is a real float
+    s2 = np.diag([1.0, -1e-14])
+    got = frechet_distance(np.zeros(2), np.eye(2), np.zeros(2), s2, method=method)
+    assert isinstance(got, float)
+    assert got == pytest.approx(1.0, abs=1e-6)  # (1-1)² + (1-0)²
+
+
+def test_fd_sample_estimate_converges_to_closed_form():
+    """FD of sample statistics of two known Gaussians -> the closed form: bias O(D/n), noise
+    O(1/√n). D=4 as two independent non-commuting 2-D blocks, so the exact value is the sum
+    of two 2-D closed forms."""
+    rng = np.random.default_rng(7)
+    blocks1 = [np.array([[2.0, 0.8], [0.8, 1.0]]), np.array([[0.5, -0.2], [-0.2, 0.3]])]
+    blocks2 = [np.array([[1.0, -0.3], [-0.3, 0.6]]), np.array([[1.5, 0.4], [0.4, 0.4]])]
+    mu1, mu2 = np.array([0.0, 0.5, -0.3, 0.1]), np.array([0.4, 0.0, 0.2, -0.2])
+    exact = sum(_fd_2x2(mu1[2 * i:2 * i + 2], blocks1[i], mu2[2 * i:2 * i + 2], blocks2[i]) for i in range(2))
+    s1 = np.zeros((4, 4)); s1[:2, :2], s1[2:, 2:] = blocks1  # noqa: E702
+    s2 = np.zeros((4, 4)); s2[:2, :2], s2[2:, 2:] = blocks2  # noqa: E702
+    errors = {}
+    for n in (300, 3000, 100_000):
+        errs = []
+        for _ in range(4):
+            x = rng.multivariate_normal(mu1, s1, size=n)
+            y = rng.multivariate_normal(mu2, s2, size=n)
+            errs.append(fid_from_features(x, y) - exact)
+        errors[n] = np.sqrt(np.mean(np.square(errs)))
+    assert errors[100_000] < errors[300]
+    assert errors[100_000] < 0.02 * exact  # exact ≈ 1.8; sampling error here ≈ 0.005
+    assert errors[300] > errors[100_000] * 3  # it does move with n: the check can see an error
+
+
+# --------------------------------------------------------------------------- input checks
+@pytest.mark.parametrize("args, match", [
+    ((np.zeros(3), np.eye(3)[:2], np.zeros(3), np.eye(3)), "square"),                     # non-square
+    ((np.zeros(3), np.eye(4), np.zeros(3), np.eye(3)), "D=3"),                            # sigma vs mu
+    ((np.zeros(3), np.eye(3), np.zeros(4), np.eye(4)), "dimensions differ"),              # mismatched
+    ((np.zeros((3, 1)), np.eye(3), np.zeros(3), np.eye(3)), "vector"),                    # mu not 1-D
+    ((np.array([0, np.nan, 0]), np.eye(3), np.zeros(3), np.eye(3)), "mu1.*non-finite"),   # NaN mean
+    ((np.zeros(3), np.eye(3), np.zeros(3), np.diag([1, np.nan, 1])), "sigma2.*non-finite"),
+    ((np.zeros(2), np.array([[1, 0.5], [0, 1]]), np.zeros(2), np.eye(2)), "symmetric"),
+])
+def test_fd_bad_inputs(args, match):
+    with pytest.raises(ValueError, match=match):
+        frechet_distance(*args)
+
+
+def test_fd_bad_method_and_eps():
+    with pytest.raises(ValueError, match="method"):
+        frechet_distance(np.zeros(1), np.eye(1), np.zeros(1), np.eye(1), method="svd")
+    with pytest.raises(ValueError, match="eps"):
+        frechet_distance(np.zeros(1), np.eye(1), np.zeros(1), np.eye(1), eps=-1)
+
+
+def test_features_bad_inputs():
+    with pytest.raises(ValueError, match="dimensions differ"):
+        fid_from_features(np.zeros((5, 3)), np.zeros((5, 4)))
+    with pytest.raises(ValueError, match="at least 2"):
+        fid_from_features(np.zeros((1, 3)), np.zeros((5, 3)))
+    with pytest.raises(ValueError, match="non-finite"):
+        fid_from_features(np.full((5, 3), np.nan), np.zeros((5, 3)))
+    with pytest.raises(ValueError, match=r"\(N, F\)"):
+        kid(np.zeros(5), np.zeros((5, 1)))
+    stats = FeatureStats(3)
+    with pytest.raises(ValueError, match="dimension 4"):
+        stats.update(np.zeros((2, 4)))
+    with pytest.raises(ValueError, match="at least 2"):
+        stats.update(np.zeros((1, 3))).cov
+
+
+# --------------------------------------------------------------------------- FeatureStats
+def test_feature_stats_merge_equals_one_pass(tmp_path):
+    rng = np.random.default_rng(8)
+    f = rng.standard_normal((1000, 7)) * [1, 2, 3, 0.1, 1, 1, 1] + 1e4  # large offset: no cancellation
+    ref_mean, ref_cov = f.mean(0), np.cov(f, rowvar=False)
+    one = FeatureStats(7).update(f)
+    parts = [FeatureStats(7).update(f[a:b]) for a, b in ((0, 1), (1, 333), (333, 334), (334, 1000))]
+    merged = FeatureStats(7)
+    for p in reversed(parts):  # order does not matter
+        merged.merge(p)
+    streamed = FeatureStats(7)
+    for a in range(0, 1000, 64):
+        streamed.update(torch.from_numpy(f[a:a + 64]))
+    for s in (one, merged, streamed):
+        assert s.n == 1000
+        np.testing.assert_allclose(s.mean, ref_mean, rtol=1e-14)
+        np.testing.assert_allclose(s.cov, ref_cov, rtol=1e-9, atol=1e-12)
+    merged.merge(FeatureStats(7))  # empty merge is a no-op
+    assert merged.n == 1000
+    with pytest.raises(ValueError, match="dimension"):
+        merged.merge(FeatureStats(3))
+    # save / load without pickle
+    path = tmp_path / "stats.npz"
+    merged.name = "test-features"
+    merged.save(path)
+    with np.load(path, allow_pickle=False) as z:
+        assert set(z.files) >= {"n", "mean", "m2"}
+    back = FeatureStats.load(path)
+    assert back.n == 1000 and back.name == "test-features"
+    np.testing.assert_array_equal(back.cov, merged.cov)
+    assert back.frechet_distance(one) == pytest.approx(0.0, abs=1e-8)
+    with pytest.raises(FileNotFoundError, match="missing.npz"):
+        FeatureStats.load(tmp_path / "missing.npz")
+    np.savez(tmp_path / "other.npz", x=np.zeros(3))
+    with pytest.raises(ValueError, match="other.npz"):
+        FeatureStats.load(tmp_path / "other.npz")
+
+
+# --------------------------------------------------------------------------- KID
+def _mmd2_by_definition(x, y):
+    m, d = x.shape
+    k = lambda a, b: (a @ b / d + 1.0) ** 3  # noqa: E731
+    xx = sum(k(x[i], x[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+    yy = sum(k(y[i], y[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+    xy = sum(k(x[i], y[j]) for i in range(m) for j in range(m)) / (m * m)
+    return xx + yy - 2 * xy
+
+
+def test_kid_matches_definition():
+    rng = np.random.default_rng(9)
+    x, y = rng.standard_normal((12, 5)), rng.standard_normal((12, 5)) + 0.3
+    mean, std = kid(x, y, subsets=3, subset_size=12)  # whole sets: every subset is the same
+    assert mean == pytest.approx(_mmd2_by_definition(x, y), rel=1e-12)
+    assert std == pytest.approx(0.0, abs=1e-12)
+
+
+def test_kid_same_law_near_zero_shifted_positive():
+    rng = np.random.default_rng(10)
+    d = 16
+    x, y = rng.standard_normal((2000, d)), rng.standard_normal((2000, d))
+    mean, std = kid(x, y, subsets=30, subset_size=400)
+    assert std > 0
+    assert abs(mean) < 2 * std
+    z = rng.standard_normal((2000, d)) + 0.5
+    mean_s, std_s = kid(x, z, subsets=30, subset_size=400)
+    assert mean_s > 10 * std_s and mean_s > 20 * abs(mean)
+
+
+# --------------------------------------------------------------------------- precision / recall
+def test_precision_recall_hand_computed():
+    real = np.array([[0.0], [1.0], [2.0], [3.0], [10.0]])
+    fake = np.array([[0.5], [5.0], [20.0]])
+    # k=1 radii: real 1,1,1,1,7 -> 0.5 in, 5 in (|5-10| <= 7), 20 out: precision 2/3;
+    # fake 4.5,4.5,15 -> every real point is in some fake ball: recall 1
+    p, r = precision_recall(real, fake, k=1)
+    assert p == pytest.approx(2 / 3) and r == 1.0
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((200, 3))
+    assert precision_recall(x, x, k=3) == (1.0, 1.0)
+    assert precision_recall(x, x + 100, k=3) == (0.0, 0.0)
+    with pytest.raises(ValueError, match="k must be"):
+        precision_recall(x[:3], x, k=3)
+
+
+# --------------------------------------------------------------------------- Inception-v3
+def test_inception_pools():
+    # count_include_pad=False: a constant image stays constant at the borders
+    ones = torch.ones(1, 1, 5, 5)
+    assert torch.equal(ev._avg_pool_3x3(ones), ones)
+    net = FIDInceptionV3()
+    assert net.Mixed_7b.pool == "avg" and net.Mixed_7c.pool == "max"
+    bns = [m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert bns and all(m.eps == 1e-3 for m in bns)
+    assert not any(m.bias is not None for m in net.modules() if isinstance(m, torch.nn.Conv2d))
+    assert net.fc.weight.shape == (1008, 2048)
+
+
+def test_inception_features_shape_and_strict_round_trip(tmp_path):
+    torch.set_num_threads(2)
+    extractor = InceptionV3Features.random(seed=0)
+    shapes = {}
+
+    def record(name):
+        def hook(module, inputs, output):
+            shapes[name] = tuple(output.shape)  # returns None: the output is not replaced
+        return hook
+
+    extractor.net.Mixed_7c.register_forward_hook(record("7c"))
+    extractor.net.Conv2d_4a_3x3.register_forward_hook(record("4a"))
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    f = extractor(x)
+    assert f.shape == (2, 2048) and f.dtype == torch.float32
+    assert shapes == {"4a": (2, 192, 71, 71), "7c": (2, 2048, 8, 8)}  # Szegedy et al. 2016, Table 1 grid
+    assert torch.isfinite(f).all() and (f >= 0).all()  # average of ReLU outputs
+    path = tmp_path / "inception.pth"
+    torch.save(extractor.net.state_dict(), path)
+    loaded = InceptionV3Features(path)
+    assert loaded.name == "inception-v3-fid" and loaded.dim == 2048
+    assert torch.equal(loaded(x), f)
+    assert not torch.equal(InceptionV3Features.random(seed=1)(x[:1]), f[:1])
+
+
+def test_inception_weights_errors(tmp_path):
+    missing = tmp_path / "pt_inception-2015-12-05-6726825d.pth"
+    with pytest.raises(FileNotFoundError, match="pt_inception-2015-12-05-6726825d.pth"):
+        InceptionV3Features(missing)
+    state = FIDInceptionV3().state_dict()
+    del state["Mixed_6b.branch7x7_2.conv.weight"]
+    state["AuxLogits.fc.weight"] = torch.zeros(1)
+    bad = tmp_path / "bad.pth"
+    torch.save(state, bad)
+    with pytest.raises(ValueError, match=r"bad.pth.*Mixed_6b.branch7x7_2.conv.weight.*AuxLogits.fc.weight"):
+        InceptionV3Features(bad)
+    state = FIDInceptionV3().state_dict()
+    state["fc.weight"] = torch.zeros(1000, 2048)  # an ImageNet-1000 head: right names, wrong shape
+    torch.save(state, bad)
+    with pytest.raises(ValueError, match="bad.pth"):
+        InceptionV3Features(bad)
+    with pytest.raises(ValueError, match="images must be"):
+        InceptionV3Features.random()(torch.zeros(1, 2, 8, 8))
+
+
+# --------------------------------------------------------------------------- shapes features
+def test_shapes_features_train_save_reload(tmp_path):
+    torch.set_num_threads(2)
+    kw = dict(steps=3, batch_size=16, dataset_size=64)
+    a = train_shapes_features(tmp_path / "a", seed=3, **kw)
+    b = train_shapes_features(tmp_path / "b", seed=3, **kw)
+    c = train_shapes_features(tmp_path / "c", seed=4, **kw)
+    record = json.loads((a / ev.SHAPES_RECORD).read_text())
+    assert record["steps"] == 3 and record["seed"] == 3 and 0 <= record["held_out_accuracy"] <= 1
+    fa, fb, fc = (load_shapes_features(p) for p in (a, b, c))
+    assert isinstance(fa, ShapesFeatures) and fa.dim == record["feature_dim"]
+    x = torch.rand(5, 3, 32, 32) * 2 - 1
+    feats = fa(x)
+    assert feats.shape == (5, fa.dim)
+    assert torch.equal(feats, fb(x))            # deterministic by seed, and the reload is exact
+    assert not torch.equal(feats, fc(x))        # ... and the seed matters
+    assert not torch.equal(feats, ShapesFeatures(ShapesCNN())(x))  # weights really were loaded
+    assert torch.equal(load_shapes_features(a / ev.SHAPES_RECORD)(x), feats)
+    # other sizes and grey images go through the same features
+    assert fa(torch.zeros(2, 1, 48, 48)).shape == (2, fa.dim)
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        load_shapes_features(tmp_path / "nowhere")
+    (tmp_path / "a" / ev.SHAPES_WEIGHTS).unlink()
+    with pytest.raises(FileNotFoundError, match=ev.SHAPES_WEIGHTS):
+        load_shapes_features(a)
+
+
+# --------------------------------------------------------------------------- command line
+def _parser():
+    from fastdiff.evaluation_cli import add_fid_parser, add_train_features_parser
+    parser = argparse.ArgumentParser(prog="fastdiff")
+    sub = parser.add_subparsers(dest="command")
+    add_train_features_parser(sub)
+    e = sub.add_parser("eval")
+    add_fid_parser(e.add_subparsers(dest="metric"))
+    return parser
+
+
+def test_cli_eval_fid_on_npz(tmp_path, capsys):
+    from fastdiff.data import load_dataset
+    torch.set_num_threads(2)
+    parser = _parser()
+    feats_dir = tmp_path / "features"
+    args = parser.parse_args(["train-features", "--out", str(feats_dir), "--steps", "2", "--seed", "1",
+                              "--dataset-size", "32", "--no-progress"])
+    assert args.func(args) == 0
+    assert "saved to" in capsys.readouterr().out
+    # "samples": held-out shapes images, uint8 NHWC as `fastdiff sample` writes them
+    samples = load_dataset("shapes", n=40, train=False).images
+    npz = tmp_path / "samples.npz"
+    np.savez(npz, images=samples.permute(0, 2, 3, 1).numpy())
+    out_json = tmp_path / "fid.json"
+    args = parser.parse_args(["eval", "fid", str(npz), "--data", "shapes", "--shapes-features", str(feats_dir),
+                              "--n", "40", "--kid", "--kid-subsets", "5", "--kid-subset-size", "20",
+                              "--precision-recall", "--json", str(out_json), "--no-progress"])
+    assert args.func(args) == 0
+    printed = capsys.readouterr().out
+    result = json.loads(out_json.read_text())
+    assert f"FID: {result['fid']:.4f}" in printed and "KID:" in printed and "±" in printed
+    assert result["n_generated"] == 40 and result["n_reference"] == 40
+    # the number is the FID of these two image sets under that network, computed directly
+    extractor = load_shapes_features(feats_dir)
+    reference = load_dataset("shapes", n=40, train=True).batch(range(40))[0]
+    direct = fid_from_features(extractor(reference), extractor(samples.float() / 127.5 - 1))
+    assert result["fid"] == pytest.approx(direct, rel=1e-6)
+    assert math.isfinite(result["kid"]) and result["kid_std"] >= 0
+    # without --shapes-features: trained on the fly into a cache next to the samples, then reused
+    argv = ["eval", "fid", str(npz), "--data", "shapes", "--n", "20", "--features-steps", "2",
+            "--features-dataset-size", "32", "--no-progress"]
+    args = parser.parse_args(argv)
+    assert args.func(args) == 0
+    printed = capsys.readouterr().out
+    assert "training the shapes feature network" in printed
+    cache = tmp_path / "fid-cache" / "shapes-features-steps2-seed0"
+    assert (cache / ev.SHAPES_RECORD).is_file()
+    assert parser.parse_args(argv).func(parser.parse_args(argv)) == 0
+    assert "using the cached" in capsys.readouterr().out
+
+
+def test_cli_eval_fid_errors(tmp_path):
+    from fastdiff.cli import UserError
+    parser = _parser()
+    npz = tmp_path / "s.npz"
+    np.savez(npz, images=np.zeros((4, 32, 32, 3), np.uint8))
+    args = parser.parse_args(["eval", "fid", str(npz), "--data", "shapes", "--features", "inception", "--n", "4"])
+    with pytest.raises(UserError, match="--inception-weights"):
+        args.func(args)
+    args = parser.parse_args(["eval", "fid", str(npz), "--data", "shapes", "--features", "inception",
+                              "--inception-weights", str(tmp_path / "none.pth"), "--n", "4"])
+    with pytest.raises(FileNotFoundError, match="none.pth"):
+        args.func(args)
+    args = parser.parse_args(["eval", "fid", str(tmp_path / "nothing"), "--data", "shapes"])
+    with pytest.raises(FileNotFoundError, match="nothing"):
+        args.func(args)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["eval", "fid", str(npz), "--data", "shapes", "--features", "clip"])
