@@ -258,3 +258,77 @@ def test_nan_and_inf_propagate_like_sdpa():
     expected = F.scaled_dot_product_attention(q, k, v)
     assert torch.equal(out.isnan(), expected.isnan())
     torch.testing.assert_close(out[~expected.isnan()], expected[~expected.isnan()], rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- bounds (ASan)
+_BOUNDS_HARNESS = r"""
+// Exact-size heap buffers (ASan redzones) for lengths around the 64-row blocks, every
+// compiled head dim and padded ones, Lq != Lk, fp32 (K/V read in place on full blocks)
+// and bf16, 1 and 2 threads; q/k/v/dO strided inside exact-size buffers as well.
+#include <cstdio>
+#include <cstdint>
+#include <vector>
+#include "cpu/attention.h"
+#include "cpu/group_norm_silu.h"
+using namespace fastdiff;
+template <typename T>
+static void run(int64_t B, int64_t H, int64_t Lq, int64_t Lk, int64_t D, int64_t pad, int dtype, int threads) {
+  const int64_t row = D + pad;  // row stride: head dim dense, rows padded by `pad`
+  std::vector<T> q(B * H * Lq * row), k(B * H * Lk * row), v(B * H * Lk * row), go(B * H * Lq * row);
+  for (size_t i = 0; i < q.size(); ++i) q[i] = T(dtype ? 0x3F80 + i % 5 : (i % 7) * 0.1f);
+  for (size_t i = 0; i < k.size(); ++i) { k[i] = T(dtype ? 0x3F00 + i % 3 : (i % 5) * 0.2f); v[i] = k[i]; }
+  for (size_t i = 0; i < go.size(); ++i) go[i] = q[i];
+  std::vector<T> out(B * H * Lq * D), gq(B * H * Lq * D), gk(B * H * Lk * D), gv(B * H * Lk * D);
+  std::vector<float> lse(B * H * Lq);
+  AttentionArgs fa{q.data(), k.data(), v.data(), out.data(), lse.data(), B, H, Lq, Lk, D,
+                   {H * Lq * row, Lq * row, row}, {H * Lk * row, Lk * row, row}, {H * Lk * row, Lk * row, row},
+                   0.3f, dtype, threads};
+  attention_forward_cpu(fa);
+  AttentionBackwardArgs ba{go.data(), q.data(), k.data(), v.data(), out.data(), lse.data(), gq.data(), gk.data(),
+                           gv.data(), B, H, Lq, Lk, D, {H * Lq * row, Lq * row, row},
+                           {H * Lq * row, Lq * row, row}, {H * Lk * row, Lk * row, row},
+                           {H * Lk * row, Lk * row, row}, 0.3f, dtype, threads};
+  attention_backward_cpu(ba);
+}
+int main() {
+  const int64_t cases[][5] = {{1, 1, 1, 1, 8}, {1, 2, 64, 64, 64}, {2, 1, 65, 63, 16}, {1, 1, 130, 129, 256},
+                              {1, 3, 7, 200, 13}, {1, 1, 128, 64, 100}, {2, 2, 33, 1, 32}, {1, 1, 64, 192, 128}};
+  for (const auto& c : cases)
+    for (int64_t pad : {0, 3})
+      for (int threads = 1; threads <= 2; ++threads) {
+        run<float>(c[0], c[1], c[2], c[3], c[4], pad, kStoreFloat32, threads);
+        run<uint16_t>(c[0], c[1], c[2], c[3], c[4], pad, kStoreBFloat16, threads);
+      }
+  std::printf("ok\n");
+  return 0;
+}
+"""
+
+
+def _asan_build_and_run(tmp_path, harness_source, sources):
+    import os
+    import shutil
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cxx = shutil.which(os.environ.get("CXX", "g++"))
+    if cxx is None or not os.path.isdir(os.path.join(root, "csrc")):
+        pytest.skip("needs a C++ compiler and the source tree")
+    src = tmp_path / "harness.cpp"
+    src.write_text(harness_source)
+    exe = tmp_path / "harness"
+    cmd = [cxx, "-std=c++17", "-O1", "-g", "-march=native", "-fopenmp", "-fsanitize=address,undefined",
+           "-fno-omit-frame-pointer", "-fno-sanitize-recover=undefined", f"-I{root}/csrc", str(src),
+           *[os.path.join(root, s) for s in sources], "-o", str(exe)]
+    build = subprocess.run(cmd, capture_output=True, text=True)
+    if build.returncode != 0 and "sanitize" in build.stderr and "cannot find" in build.stderr:
+        pytest.skip("AddressSanitizer runtime not installed")
+    assert build.returncode == 0, build.stderr[-3000:]
+    env = dict(os.environ, ASAN_OPTIONS="detect_leaks=0:abort_on_error=0")
+    run = subprocess.run([str(exe)], capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0 and run.stdout.strip().endswith("ok"), (run.stdout[-2000:], run.stderr[-4000:])
+
+
+def test_kernels_stay_in_bounds_under_asan(tmp_path):
+    """The C++ kernels on exact-size buffers, built with AddressSanitizer + UBSan."""
+    _asan_build_and_run(tmp_path, _BOUNDS_HARNESS, ["csrc/cpu/attention.cpp", "csrc/cpu/group_norm_silu.cpp"])
