@@ -483,3 +483,41 @@ def test_cli_eval_fid_errors(tmp_path):
         args.func(args)
     with pytest.raises(SystemExit):
         parser.parse_args(["eval", "fid", str(npz), "--data", "shapes", "--features", "clip"])
+
+
+def test_cli_eval_fid_on_run_folder(tmp_path, capsys, monkeypatch):
+    """A run folder is sampled in batches, each with its own seed, labels balanced across
+    batches. (load_checkpoint is replaced by an untrained tiny U-Net: training one here
+    would cost more than the rest of this file; the CLI tests cover train/load.)"""
+    import fastdiff
+    import fastdiff.train
+    from fastdiff.models.unet import PRESETS
+    torch.set_num_threads(2)
+    diffusion = fastdiff.GaussianDiffusion(fastdiff.NoiseSchedule.linear(T=20))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = fastdiff.UNet(**PRESETS["tiny"], num_classes=3, diffusion=diffusion).eval()
+    run = tmp_path / "run"
+    run.mkdir()
+    monkeypatch.setattr(fastdiff.train, "load_checkpoint", lambda out, ema=True: (model, {"step": 7}))
+    calls = []
+    real_sample = fastdiff.sample
+
+    def recording_sample(model, **kw):
+        calls.append((kw["n"], kw["seed"], kw["model_kwargs"]["y"].tolist()))
+        return real_sample(model, **kw)
+
+    monkeypatch.setattr(fastdiff, "sample", recording_sample)
+    parser = _parser()
+    out_json = tmp_path / "fid.json"
+    args = parser.parse_args(["eval", "fid", str(run), "--data", "shapes", "--n", "5", "--steps", "2",
+                              "--batch-size", "3", "--features-steps", "1", "--features-dataset-size", "16",
+                              "--json", str(out_json), "--no-progress"])
+    assert args.func(args) == 0
+    printed = capsys.readouterr().out
+    assert "sampling 5 images" in printed and "step 7" in printed and "FID:" in printed
+    assert [c[0] for c in calls] == [3, 2] and calls[0][1] != calls[1][1]
+    assert calls[0][2] + calls[1][2] == [0, 1, 2, 0, 1]
+    result = json.loads(out_json.read_text())
+    assert result["n_generated"] == 5 and math.isfinite(result["fid"])
+    assert (run / "fid-cache" / "shapes-features-steps1-seed0" / ev.SHAPES_RECORD).is_file()
