@@ -7,22 +7,14 @@ FLOPs: forward 4 B H L^2 D (two matmuls); forward+backward 3.5x that (backward: 
 matmuls, one of them recomputing the scores), the count flash-attention reports.
 
 A load-robust cross-check on a shared machine: one thread, CPU time instead of wall time
-(for the machine's limits too, bench/_machine.py),
+(bench/conftest.py; the machine's limits too, bench/_machine.py),
     FASTDIFF_BENCH_THREADS=1 pytest ... --benchmark-only
 """
-import os
-import time
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 from fastdiff.ops import attention
-
-if os.environ.get("FASTDIFF_BENCH_THREADS"):
-    torch.set_num_threads(int(os.environ["FASTDIFF_BENCH_THREADS"]))
-if os.environ.get("FASTDIFF_BENCH_THREADS") == "1":
-    pytestmark = pytest.mark.benchmark(timer=time.process_time)
 
 SHAPES = [(8, 1, 256, 256), (8, 4, 256, 64), (8, 32, 256, 8)]  # (B, H, L, D)
 DTYPES = [torch.float32, torch.bfloat16]

@@ -6,22 +6,14 @@ Bytes are the minimum traffic of the op: forward reads x and writes y; forward+b
 also reads x and dy and writes dx (weights are negligible).
 
 A load-robust cross-check on a shared machine: one thread, CPU time instead of wall time
-(for the machine's limits too, bench/_machine.py),
+(bench/conftest.py; the machine's limits too, bench/_machine.py),
     FASTDIFF_BENCH_THREADS=1 pytest ... --benchmark-only
 """
-import os
-import time
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 from fastdiff.ops import group_norm_silu
-
-if os.environ.get("FASTDIFF_BENCH_THREADS"):
-    torch.set_num_threads(int(os.environ["FASTDIFF_BENCH_THREADS"]))
-if os.environ.get("FASTDIFF_BENCH_THREADS") == "1":
-    pytestmark = pytest.mark.benchmark(timer=time.process_time)
 
 GROUPS = 32
 # (shape, dtypes): bf16 on the headline shape only, to keep the compile count down
