@@ -269,3 +269,13 @@ def test_bench_gpu_cli_without_a_gpu():
     assert listed.returncode == 0 and listed.stdout.split() == list(bench.GROUPS)
     if not torch.cuda.is_available():
         assert bench.main(["--only", "copy"]) == 2
+
+
+def test_gpu_check_env_probe_runs_here(tmp_path):
+    import json
+
+    env_step = gpu_check.plan(tmp_path, skip_build=True, skip_tests=True, groups=())[0]
+    result = gpu_check.run_step(env_step)
+    assert result.status == "ok", result.output_tail
+    info = json.loads(result.output_tail.strip().splitlines()[-1])
+    assert info["torch"] == torch.__version__ and "triton" in info and "gpu" in info
