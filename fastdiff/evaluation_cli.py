@@ -120,14 +120,12 @@ def add_fid_parser(eval_subparsers) -> argparse.ArgumentParser:
 
 def _generated_images(args, source: Path):
     """-> (uint8 ImageDataset of samples, description, base folder for caches)."""
-    from fastdiff.data import DatasetError, ImageDataset, load_npz
+    from fastdiff.data import load_npz
 
     if source.is_file():
         if source.suffix != ".npz":
             raise _user_error(f"{source}: expected a run folder or an .npz of samples")
-        ds = load_npz(source, size=None)
-        if type(ds) is not ImageDataset:
-            raise DatasetError(f"{source}: samples must be uint8 images (as `fastdiff sample` writes)")
+        ds = load_npz(source, size=None)  # uint8 as `fastdiff sample` writes; floats in [0,1]/[-1,1] also work
         return ds, f"{source} ({len(ds)} images)", source.parent
     if source.is_dir():
         return _sample_run(args, source), f"run {source}", source

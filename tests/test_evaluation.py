@@ -109,6 +109,7 @@ def test_fd_identity_and_symmetry(method):
     assert ab == pytest.approx(frechet_distance(m1, s1, m2, s2, method=other), rel=1e-8)
 
 
+@pytest.mark.filterwarnings("ignore:Matrix is singular")  # scipy's sqrtm says so; expected here
 @pytest.mark.parametrize("method", METHODS)
 def test_fd_rank_deficient_finite_and_correct(method):
     # exactly singular diagonal covariances: the closed form still holds (√0 = 0)
