@@ -361,3 +361,21 @@ def test_unet_sampling_on_the_triton_path(monkeypatch):
         static = fastdiff.sample(model, cuda_graph=True, **kwargs)
     torch.testing.assert_close(got.cpu(), want.cpu(), rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(static, got, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("variance_mode", [0, 1])
+def test_sampler_step_in_place(variance_mode):
+    x, out = _step_inputs(variance_mode, torch.float32)
+    want = tk_step.sampler_step_triton(x, out, COEFS, 9, 3, 1, True, variance_mode)
+    buffer = x.clone()
+    got = tk_step.sampler_step_triton(buffer, out, COEFS, 9, 3, 1, True, variance_mode, out=buffer)
+    assert got is buffer
+    torch.testing.assert_close(buffer, want, rtol=0, atol=0)
+    strided = torch.empty(x.shape[::-1], device=DEVICE).permute(3, 2, 1, 0)  # not contiguous: written by copy
+    tk_step.sampler_step_triton(x, out, COEFS, 9, 3, 1, True, variance_mode, out=strided)
+    torch.testing.assert_close(strided, want, rtol=0, atol=0)
+    with ops.use_backend("triton"):  # through fastdiff::sampler_step_out
+        buffer = x.clone()
+        ops.sampler_step(buffer, out, ops.StepCoefficients(*COEFS), seed=9, step=3, sample_offset=1,
+                         clip_denoised=True, variance=("fixed", "learned")[variance_mode], out=buffer)
+    torch.testing.assert_close(buffer, want, rtol=0, atol=0)

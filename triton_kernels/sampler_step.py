@@ -17,7 +17,7 @@ Two entry points share one kernel:
 """
 from __future__ import annotations
 
-from typing import Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 import triton
@@ -220,12 +220,14 @@ def _row_major(sizes) -> list:
 
 
 def _launch(x_t, model_output, coefs, coef_table, step_index, seed, step, sample_offset, clip_denoised,
-            variance_mode, noise: bool) -> torch.Tensor:
+            variance_mode, noise: bool, result=None) -> torch.Tensor:
     x, out, numel, out_stride = _prepare(x_t, model_output, variance_mode)
-    y = torch.empty_like(x)
+    # Writing into `result` (x_t itself is fine: every program reads its block before storing it)
+    direct = result is not None and result.is_contiguous() and result.dtype == x.dtype
+    y = result if direct else torch.empty_like(x)
     batch = x.shape[0]
     if batch == 0 or numel == 0:
-        return y
+        return y if result is None else result
     blocks = triton.cdiv(numel, BLOCK)
     a1, a2, c1, c2, sigma, min_log, max_log = [float(c) for c in coefs]
     host_step = coef_table is None
@@ -244,14 +246,19 @@ def _launch(x_t, model_output, coefs, coef_table, step_index, seed, step, sample
         HOST_STEP=host_step,
         COMPUTE_F64=x.dtype == torch.float64, BLOCK=BLOCK, num_warps=4,
     )
+    if result is not None and not direct:
+        result.copy_(y)
+        return result
     return y
 
 
 def sampler_step_triton(x_t: torch.Tensor, model_output: torch.Tensor, coefs: Sequence[float], seed: int,
-                        step: int, sample_offset: int, clip_denoised: bool, variance_mode: int) -> torch.Tensor:
-    """One fused reverse step (arguments as `fastdiff::sampler_step`, already checked)."""
+                        step: int, sample_offset: int, clip_denoised: bool, variance_mode: int,
+                        out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """One fused reverse step (arguments as `fastdiff::sampler_step`, already checked); with
+    `out` (x_t allowed) the result is written there, as `fastdiff::sampler_step_out`."""
     return _launch(x_t, model_output, coefs, None, None, seed, step, sample_offset, clip_denoised,
-                   variance_mode, noise=float(coefs[4]) != 0.0)
+                   variance_mode, noise=float(coefs[4]) != 0.0, result=out)
 
 
 def sampler_step_table_triton(x_t: torch.Tensor, model_output: torch.Tensor, coef_table: torch.Tensor,

@@ -177,7 +177,7 @@ def _sampler_step_out_op(x_t: torch.Tensor, model_output: torch.Tensor, coefs: L
     if backend == "native":
         _sampler_step_native(*args, out=out)
     elif backend == "triton":
-        out.copy_(_triton_impl()(*args))
+        _triton_impl()(*args, out=out)
     else:
         out.copy_(sampler_step_reference(*args))
 
