@@ -680,7 +680,8 @@ class ShapesFeatures(FeatureExtractor):
 
 
 def train_shapes_features(out_dir, steps: int = 400, seed: int = 0, batch_size: int = 64, lr: float = 3e-3,
-                          dataset_size: int = 4000, width: int = 16, progress: bool = False) -> Path:
+                          dataset_size: int = 4000, width: int = 16, image_size: int = 32,
+                          progress: bool = False) -> Path:
     """Train the shapes feature CNN (cross-entropy on the labels) and save it to `out_dir` as
     safetensors + JSON (each written atomically). Deterministic by seed on a given machine
     and thread count. Returns the folder."""
@@ -692,10 +693,12 @@ def train_shapes_features(out_dir, steps: int = 400, seed: int = 0, batch_size: 
     for name, v in (("steps", steps), ("batch_size", batch_size), ("dataset_size", dataset_size), ("width", width)):
         if int(v) < 1:
             raise ValueError(f"{name} must be >= 1, got {v}")
+    if image_size < 12:
+        raise ValueError(f"image_size must be >= 12 (the shapes generator's smallest size), got {image_size}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    train = load_dataset("shapes", n=dataset_size, seed=seed, train=True)
-    held_out = load_dataset("shapes", n=min(1000, dataset_size), seed=seed, train=False)
+    train = load_dataset("shapes", n=dataset_size, seed=seed, train=True, image_size=image_size)
+    held_out = load_dataset("shapes", n=min(1000, dataset_size), seed=seed, train=False, image_size=image_size)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = ShapesCNN(num_classes=train.num_classes, width=width, image_size=train.shape[-1])

@@ -56,6 +56,8 @@ def add_train_features_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=_positive_int, default=64)
     p.add_argument("--dataset-size", type=_positive_int, default=4000, help="generated shapes to train on")
+    p.add_argument("--image-size", type=_positive_int, default=32,
+                   help="image size to train at, that of the samples it will judge (default: 32)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_train_features)
     return p
@@ -66,7 +68,8 @@ def cmd_train_features(args: argparse.Namespace) -> int:
 
     t0 = time.time()
     out = train_shapes_features(args.out, steps=args.steps, seed=args.seed, batch_size=args.batch_size,
-                                dataset_size=args.dataset_size, progress=not args.no_progress)
+                                dataset_size=args.dataset_size, image_size=args.image_size,
+                                progress=not args.no_progress)
     record = json.loads((out / SHAPES_RECORD).read_text())
     print(f"shapes features: {args.steps} steps in {time.time() - t0:.1f}s, held-out accuracy "
           f"{record['held_out_accuracy']:.3f} (n={record['held_out_n']}), {record['feature_dim']}-d features; "
@@ -159,7 +162,7 @@ def _sample_run(args, run: Path):
     return ImageDataset(torch.cat(chunks), torch.cat(labels_all) if labels_all else None, name=str(run))
 
 
-def _extractor(args, base: Path):
+def _extractor(args, base: Path, image_size: int):
     from fastdiff.evaluation import (SHAPES_RECORD, InceptionV3Features, load_shapes_features,
                                      train_shapes_features)
 
@@ -172,14 +175,16 @@ def _extractor(args, base: Path):
         raise _user_error("--inception-weights is given but --features is 'shapes'; add --features inception")
     if args.shapes_features:
         return load_shapes_features(args.shapes_features)
-    cache = base / "fid-cache" / f"shapes-features-steps{args.features_steps}-seed{args.seed}"
+    # trained at the samples' size (at least 12, the generator's smallest); others are resized to it
+    size = max(12, image_size)
+    cache = base / "fid-cache" / f"shapes-features-{size}px-steps{args.features_steps}-seed{args.seed}"
     if (cache / SHAPES_RECORD).is_file():
         print(f"using the cached shapes feature network in {cache}", flush=True)
     else:
         print(f"no --shapes-features given: training the shapes feature network ({args.features_steps} steps, "
-              f"seed {args.seed}) into {cache}", flush=True)
+              f"seed {args.seed}, {size}x{size} images) into {cache}", flush=True)
         t0 = time.time()
-        train_shapes_features(cache, steps=args.features_steps, seed=args.seed,
+        train_shapes_features(cache, steps=args.features_steps, seed=args.seed, image_size=size,
                               dataset_size=args.features_dataset_size, progress=not args.no_progress)
         print(f"trained in {time.time() - t0:.1f}s", flush=True)
     return load_shapes_features(cache)
@@ -205,8 +210,8 @@ def cmd_eval_fid(args: argparse.Namespace) -> int:
     n_gen = min(args.n, len(generated))
     if n_gen < 2:
         raise _user_error(f"{source}: FID needs at least 2 generated images, got {n_gen}")
-    extractor = _extractor(args, base)
     size = generated.shape[-1]
+    extractor = _extractor(args, base, size)
     reference = load_dataset(args.data, image_size=size, train=args.split == "train", seed=0,
                              n=args.n if args.data == "shapes" else None)
     n_ref = min(args.n, len(reference))

@@ -408,6 +408,10 @@ def test_shapes_features_train_save_reload(tmp_path):
     assert torch.equal(load_shapes_features(a / ev.SHAPES_RECORD)(x), feats)
     # other sizes and grey images go through the same features
     assert fa(torch.zeros(2, 1, 48, 48)).shape == (2, fa.dim)
+    small = load_shapes_features(train_shapes_features(tmp_path / "d", seed=3, image_size=16, **kw))
+    assert small.cnn.config["image_size"] == 16 and small(x).shape == (5, small.dim)
+    with pytest.raises(ValueError, match="image_size"):
+        train_shapes_features(tmp_path / "e", image_size=8, **kw)
     with pytest.raises(FileNotFoundError, match="nowhere"):
         load_shapes_features(tmp_path / "nowhere")
     (tmp_path / "a" / ev.SHAPES_WEIGHTS).unlink()
@@ -461,7 +465,7 @@ def test_cli_eval_fid_on_npz(tmp_path, capsys):
     assert args.func(args) == 0
     printed = capsys.readouterr().out
     assert "training the shapes feature network" in printed
-    cache = tmp_path / "fid-cache" / "shapes-features-steps2-seed0"
+    cache = tmp_path / "fid-cache" / "shapes-features-32px-steps2-seed0"
     assert (cache / ev.SHAPES_RECORD).is_file()
     assert parser.parse_args(argv).func(parser.parse_args(argv)) == 0
     assert "using the cached" in capsys.readouterr().out
@@ -521,4 +525,4 @@ def test_cli_eval_fid_on_run_folder(tmp_path, capsys, monkeypatch):
     assert calls[0][2] + calls[1][2] == [0, 1, 2, 0, 1]
     result = json.loads(out_json.read_text())
     assert result["n_generated"] == 5 and math.isfinite(result["fid"])
-    assert (run / "fid-cache" / "shapes-features-steps1-seed0" / ev.SHAPES_RECORD).is_file()
+    assert (run / "fid-cache" / "shapes-features-32px-steps1-seed0" / ev.SHAPES_RECORD).is_file()
