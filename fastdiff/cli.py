@@ -215,7 +215,7 @@ DEMO_MODEL = dict(model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, a
 
 def run_demo(out: str = "fastdiff-demo", minutes: float = 9.0, preset: Optional[str] = None, batch_size: int = 32,
              n: int = 100, seed: int = 0, lr: float = 2e-3, dataset_size: int = 10000, fp32: bool = False,
-             image_size: int = 16) -> dict:
+             image_size: int = 16, threads: Optional[int] = None) -> dict:
     """Train a class-conditional U-Net on the embedded shapes within `minutes` of wall clock
     (sampling included), then draw an n-image DDIM-50 grid, one row per class. Training
     runs under bf16 autocast with channels_last unless fp32 (about 2x the steps on CPUs
@@ -237,6 +237,9 @@ def run_demo(out: str = "fastdiff-demo", minutes: float = 9.0, preset: Optional[
     from fastdiff.train import TrainConfig, build_diffusion, load_checkpoint, train
 
     t_begin = time.time()
+    if threads is None:
+        threads = _free_threads()
+    torch.set_num_threads(threads)
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     ddim_steps = 50
@@ -306,9 +309,29 @@ def run_demo(out: str = "fastdiff-demo", minutes: float = 9.0, preset: Optional[
     return speed
 
 
+def _free_threads() -> int:
+    """torch's default thread count, less the cores other processes keep busy (1-minute load
+    average): OpenMP threads that wait on a taken core cost far more than they bring."""
+    import os
+
+    import torch
+
+    default = torch.get_num_threads()
+    try:
+        busy = os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return default
+    cores = os.cpu_count() or default
+    free = max(1, min(default, int(cores - busy + 0.5)))
+    if free < default:
+        print(f"fastdiff demo: the machine is busy (load {busy:.1f} on {cores} cores): using {free} thread(s)",
+              flush=True)
+    return free
+
+
 def cmd_demo(a: argparse.Namespace) -> int:
     run_demo(out=a.out, minutes=a.minutes, preset=a.preset, batch_size=a.batch_size, n=a.n, seed=a.seed,
-             lr=a.lr, dataset_size=a.dataset_size, fp32=a.fp32, image_size=a.image_size)
+             lr=a.lr, dataset_size=a.dataset_size, fp32=a.fp32, image_size=a.image_size, threads=a.threads)
     return 0
 
 
@@ -372,6 +395,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=_positive_int, default=100, help="samples in the grid (default: 100)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--lr", type=_positive_float, default=2e-3, help="peak learning rate (default: 2e-3)")
+    p.add_argument("--threads", type=_positive_int, default=None,
+                   help="torch threads (default: the cores not kept busy by other processes)")
     p.add_argument("--image-size", type=_positive_int, default=16,
                    help="resolution of the rendered shapes (default: 16; 32 is 4x the cost per step)")
     p.add_argument("--fp32", action="store_true", help="train in fp32 (default: bf16 autocast + channels_last)")
