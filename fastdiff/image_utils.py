@@ -52,6 +52,8 @@ def _nice_ticks(lo: float, hi: float, count: int = 5):
 
 
 def _fmt(v: float) -> str:
+    if float(v).is_integer() and abs(v) < 1e7:
+        return str(int(v))
     return f"{v:.3g}" if abs(v) < 1e4 else f"{v:.2e}"
 
 
