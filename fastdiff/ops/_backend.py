@@ -4,7 +4,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional, Union
 
 import torch
 
@@ -54,14 +54,21 @@ def triton_available() -> bool:
     return True
 
 
-def resolve(device: torch.device, op: str, has_triton_kernel: bool = False,
+def resolve(device: torch.device, op: str, has_triton_kernel: Union[bool, Callable[[], bool]] = False,
             requested: Optional[str] = None) -> str:
-    """The backend that will run `op` for tensors on `device`."""
+    """The backend that will run `op` for tensors on `device`.
+
+    `has_triton_kernel` may be a callable, asked only when the answer matters (it may
+    import Triton, which CPU-only paths should not pay for)."""
     name = requested or current_backend()
+
+    def triton_kernel() -> bool:
+        return bool(has_triton_kernel() if callable(has_triton_kernel) else has_triton_kernel)
+
     if name == "auto":
         if device.type == "cpu":
             return "native" if native_lib is not None else "reference"
-        if device.type == "cuda" and has_triton_kernel and triton_available():
+        if device.type == "cuda" and triton_available() and triton_kernel():
             return "triton"
         return "reference"
     if name == "native":
@@ -71,9 +78,9 @@ def resolve(device: torch.device, op: str, has_triton_kernel: bool = False,
         if device.type != "cpu":
             raise RuntimeError(f"{op}: backend 'native' runs on CPU tensors, got device {device}")
     if name == "triton":
-        if not has_triton_kernel:
-            raise RuntimeError(f"{op}: no Triton kernel for this op yet")
         if not triton_available():
             raise RuntimeError(f"{op}: backend 'triton' requested but triton is not installed "
                                "(pip install 'fastdiff[triton]')")
+        if not triton_kernel():
+            raise RuntimeError(f"{op}: no Triton kernel for this op yet")
     return name

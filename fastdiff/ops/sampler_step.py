@@ -152,7 +152,7 @@ def _sampler_step_native(x_t, model_output, coefs, seed, step, sample_offset, cl
 @torch.library.custom_op("fastdiff::sampler_step", mutates_args=())
 def _sampler_step_op(x_t: torch.Tensor, model_output: torch.Tensor, coefs: List[float], seed: int,
                      step: int, sample_offset: int, clip_denoised: bool, variance_mode: int) -> torch.Tensor:
-    backend = _backend.resolve(x_t.device, "sampler_step", has_triton_kernel=_triton_impl() is not None)
+    backend = _backend.resolve(x_t.device, "sampler_step", has_triton_kernel=lambda: _triton_impl() is not None)
     args = (x_t, model_output, coefs, seed, step, sample_offset, clip_denoised, variance_mode)
     if backend == "native":
         return _sampler_step_native(*args)
@@ -172,7 +172,7 @@ def _sampler_step_out_op(x_t: torch.Tensor, model_output: torch.Tensor, coefs: L
                          out: torch.Tensor) -> None:
     """`fastdiff::sampler_step` writing into `out` (which may be x_t): no allocation, no
     first-touch page faults of a fresh output on every step."""
-    backend = _backend.resolve(x_t.device, "sampler_step", has_triton_kernel=_triton_impl() is not None)
+    backend = _backend.resolve(x_t.device, "sampler_step", has_triton_kernel=lambda: _triton_impl() is not None)
     args = (x_t, model_output, coefs, seed, step, sample_offset, clip_denoised, variance_mode)
     if backend == "native":
         _sampler_step_native(*args, out=out)
@@ -232,7 +232,7 @@ def _sampler_step_table_op(x_t: torch.Tensor, model_output: torch.Tensor, coef_t
                            variance_mode: int) -> torch.Tensor:
     """`fastdiff::sampler_step` with coefficients coef_table[i] and noise step i, i = step_index
     read on the device: a CUDA graph captures it once and replays it for every step."""
-    backend = _backend.resolve(x_t.device, "sampler_step_table", has_triton_kernel=_triton_table_impl() is not None)
+    backend = _backend.resolve(x_t.device, "sampler_step_table", has_triton_kernel=lambda: _triton_table_impl() is not None)
     if backend == "triton":
         return _triton_table_impl()(x_t, model_output, coef_table, step_index, seed, sample_offset,
                                     clip_denoised, variance_mode)
@@ -301,10 +301,10 @@ def randn(shape: Tuple[int, ...], *, seed: int, step: int = INITIAL_NOISE_STEP, 
     numel = 1
     for s in shape[1:]:
         numel *= s
-    triton_randn = getattr(_triton_module(), "randn_triton", None)
-    backend = _backend.resolve(device, "randn", has_triton_kernel=triton_randn is not None)
+    backend = _backend.resolve(device, "randn",
+                               has_triton_kernel=lambda: hasattr(_triton_module(), "randn_triton"))
     if backend == "triton":
-        return triton_randn(shape, seed, step, sample_offset, dtype, device)
+        return _triton_module().randn_triton(shape, seed, step, sample_offset, dtype, device)
     if backend == "native" and dtype in _NATIVE_DTYPES and batch * numel:
         y = torch.empty(shape, dtype=dtype)
         _backend.native_lib.philox_normal(y=y.data_ptr(), batch=batch, numel_per_sample=numel, seed=seed,
