@@ -140,18 +140,27 @@ def cmd_sample(a: argparse.Namespace) -> int:
     model, record = load_checkpoint(a.dir, ema=not a.no_ema)
     if a.steps > model.diffusion.T:
         raise UserError(f"--steps {a.steps} exceeds the model's T={model.diffusion.T}")
-    kwargs = {}
     labels = None
     if model.num_classes:
         if a.label is not None and not 0 <= a.label < model.num_classes:
-            raise UserError(f"--label must be in [0, {model.num_classes - 1}], got {a.label}")
+            raise UserError(f"--class must be in [0, {model.num_classes - 1}], got {a.label}")
         labels = torch.full((a.n,), a.label) if a.label is not None else torch.arange(a.n) % model.num_classes
-        kwargs["y"] = labels
-    elif a.label is not None:
-        raise UserError("--label given but the model is not class-conditional")
+    elif a.label is not None and a.classifier is None:
+        raise UserError("--class given but the model is not class-conditional (and no --classifier)")
+    elif a.classifier is not None:
+        labels = torch.full((a.n,), a.label) if a.label is not None else None
+    if a.guidance_scale and not model.num_classes:
+        raise UserError("--guidance-scale needs a class-conditional model (trained with labels)")
+    classifier = None
+    if a.classifier is not None:
+        from fastdiff.classifier_training import load_classifier
+        classifier = load_classifier(a.classifier)
+        if labels is None:
+            labels = torch.arange(a.n) % classifier.num_classes
     t0 = time.time()
     x = fastdiff.sample(model, n=a.n, steps=a.steps, eta=a.eta, seed=a.seed, sampler=a.sampler,
-                        model_kwargs=kwargs, progress=not a.no_progress)
+                        progress=not a.no_progress, y=labels, guidance_scale=a.guidance_scale,
+                        classifier=classifier, classifier_scale=a.classifier_scale)
     seconds = time.time() - t0
     out = Path(a.out)
     png, npz = (out, out.with_suffix(".npz")) if out.suffix.lower() != ".npz" else (out.with_suffix(".png"), out)
@@ -165,6 +174,17 @@ def cmd_sample(a: argparse.Namespace) -> int:
     print(f"{a.n} samples ({a.sampler}, {a.steps} steps, eta={a.eta}) in {seconds:.1f}s "
           f"({a.n / seconds:.2f} samples/s): {png} and {npz} (step {record['step']}, "
           f"{'model' if a.no_ema else 'EMA'} weights)")
+    return 0
+
+
+def cmd_train_classifier(a: argparse.Namespace) -> int:
+    from fastdiff.classifier_training import ClassifierConfig, train_classifier
+
+    cfg = ClassifierConfig(data=a.data, out=a.out, steps=a.steps, preset=a.preset, batch_size=a.batch_size,
+                           lr=a.lr, seed=a.seed, schedule=a.schedule, T=a.T, image_size=a.image_size,
+                           progress=not a.no_progress)
+    out = train_classifier(cfg)
+    print(f"classifier trained for {a.steps} steps: {out}")
     return 0
 
 
@@ -359,9 +379,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sampler", choices=("ddim", "ddpm"), default="ddim")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights, not the EMA")
-    p.add_argument("--label", type=int, default=None, help="class of every sample (class-conditional models)")
+    p.add_argument("--class", "--label", dest="label", type=int, default=None,
+                   help="class of every sample (default: cycle through the classes)")
+    p.add_argument("--guidance-scale", type=_nonneg_float, default=0.0,
+                   help="classifier-free guidance w: (1+w) eps(x, y) - w eps(x) (default: 0)")
+    p.add_argument("--classifier", default=None, help="folder of a `fastdiff train-classifier` run: classifier guidance")
+    p.add_argument("--classifier-scale", type=_nonneg_float, default=1.0, help="classifier guidance scale (default: 1)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("train-classifier", help="train a noisy classifier for classifier guidance",
+                       description="Train a time-conditioned classifier of noised images x_t (Dhariwal & Nichol), "
+                       "for `fastdiff sample --classifier DIR`. Use the diffusion model's schedule and T.")
+    p.add_argument("--data", default="shapes", help="labelled dataset, as for train (default: shapes)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--steps", type=_positive_int, default=2000)
+    p.add_argument("--preset", default="small", choices=("tiny", "small"))
+    p.add_argument("--batch-size", type=_positive_int, default=64)
+    p.add_argument("--lr", type=_positive_float, default=3e-4)
+    p.add_argument("--schedule", choices=("linear", "cosine"), default="linear")
+    p.add_argument("--T", type=_positive_int, default=1000, help="diffusion steps (default: 1000)")
+    p.add_argument("--image-size", type=_positive_int, default=32)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_train_classifier)
 
     p = sub.add_parser("eval", help="evaluate a trained run", description="Evaluate a trained run.")
     esub = p.add_subparsers(dest="metric", metavar="METRIC")
@@ -382,6 +423,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", default=None, help="also write the result to this JSON file")
     e.add_argument("--no-progress", action="store_true")
     e.set_defaults(func=cmd_eval_bpd)
+    from fastdiff.evaluation_cli import add_fid_parser, add_train_features_parser
+    add_fid_parser(esub)
+
+    add_train_features_parser(sub)
 
     p = sub.add_parser("demo", help="train a small model on the embedded shapes and sample it (minutes, CPU)",
                        description="Train a small class-conditional U-Net on the embedded 'shapes' data within a "
