@@ -12,4 +12,4 @@ from fastdiff.sampling import sample, space_timesteps  # noqa: E402
 from fastdiff.schedule import NoiseSchedule  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["GaussianDiffusion", "NoiseSchedule", "ops", "sample", "space_timesteps", "__version__"]
+__all__ = ["GaussianDiffusion", "NoiseSchedule", "UNet", "compile", "ops", "sample", "space_timesteps", "__version__"]
