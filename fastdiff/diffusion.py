@@ -74,7 +74,9 @@ class UniformTimestepSampler:
 
     def sample(self, batch: int, device, generator: Optional[torch.Generator] = None):
         p = torch.as_tensor(self.weights(), dtype=torch.float64)
-        t = torch.multinomial(p, batch, replacement=True, generator=generator)
+        # t is drawn on the CPU; a generator for another device (the noise's) is not used here
+        cpu_generator = generator if generator is not None and generator.device.type == "cpu" else None
+        t = torch.multinomial(p, batch, replacement=True, generator=cpu_generator)
         weights = 1.0 / (self.T * p[t])  # E[w L_t] = mean_t L_t whatever p is
         return t.to(device), weights.to(device=device, dtype=torch.float32)
 
