@@ -12,36 +12,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from pathlib import Path
+
+from fastdiff.cli import UserError, _nonneg_float, _positive_int  # cli imports this module lazily
 
 DEFAULT_FEATURE_STEPS = 400
 
 
 def _user_error(message: str) -> Exception:
-    from fastdiff.cli import UserError  # lazily: fastdiff.cli imports this module
     return UserError(message)
-
-
-def _positive_int(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}")
-    return v
-
-
-def _nonneg_float(s: str) -> float:
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
-    if not math.isfinite(v) or v < 0:
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {s!r}")
-    return v
 
 
 # --------------------------------------------------------------------------- train-features
