@@ -4,7 +4,6 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,7 +11,9 @@ from PIL import Image
 
 from fastdiff.cli import main
 
-ENV = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+# Subprocesses import the installed fastdiff: they run outside the source tree, whose
+# fastdiff/ has no compiled core (with `pip install .` the build lives in site-packages).
+ENV = dict(os.environ)
 
 
 @pytest.mark.parametrize("argv", [[], ["train"], ["sample"], ["eval"], ["eval", "bpd"], ["demo"]])
@@ -80,9 +81,10 @@ def test_python_dash_m_and_resume(tmp_path):
     run = tmp_path / "run"
     base = [sys.executable, "-m", "fastdiff", "train", "--data", "shapes", "--dataset-size", "8", "--out", str(run),
             "--batch-size", "2", "--T", "10", "--sample-steps", "2", "--sample-n", "1", "--no-progress"]
-    p = subprocess.run(base + ["--steps", "1"], env=ENV, capture_output=True, text=True, timeout=120)
+    p = subprocess.run(base + ["--steps", "1"], env=ENV, capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-2000:]
-    p = subprocess.run(base + ["--steps", "2", "--resume"], env=ENV, capture_output=True, text=True, timeout=120)
+    p = subprocess.run(base + ["--steps", "2", "--resume"], env=ENV, capture_output=True, text=True, timeout=120,
+                       cwd=tmp_path)
     assert p.returncode == 0 and "resumed from" in p.stderr and "step 2" in p.stdout, p.stderr[-2000:]
 
 

@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -59,7 +60,7 @@ def test_built_module_imports_when_nvcc_present():
     assert lib.group_norm_splits(64, 128, 32 * 32, False) >= 1
     # the CPU core does not depend on the CUDA module
     out = subprocess.run([sys.executable, "-c", "import fastdiff._C as c; print(c.__name__)"], capture_output=True,
-                         text=True, timeout=120)
+                         text=True, timeout=120, cwd=tempfile.mkdtemp())  # the installed package, not the tree
     assert out.returncode == 0, out.stderr
 
 

@@ -21,8 +21,9 @@ FAST = dict(data="shapes", dataset_size=16, batch_size=4, preset="tiny", progres
             sample_n=2, T=50, warmup_steps=3)
 # Subprocesses use this process's thread count: bitwise equality holds for equal thread
 # counts (a reduction split over a different number of threads rounds differently).
-ENV = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()),
-       "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+# They import the installed fastdiff, run from tmp_path: the source tree's fastdiff/ has no
+# compiled core when the package was built by `pip install .`.
+ENV = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
 
 
 def _weights(out) -> dict:
@@ -97,7 +98,7 @@ def test_kill_during_save_leaves_last_checkpoint_and_resume_is_exact(tmp_path, m
     err = open(tmp_path / "stderr.txt", "w")
     env = dict(ENV, FASTDIFF_TEST_SAVE_HOOK="sleep:600", FASTDIFF_TEST_SAVE_HOOK_MATCH=match)
     proc = subprocess.Popen([sys.executable, "-c", TRAIN_SCRIPT, json.dumps(cfg)], env=env, stderr=err,
-                            stdout=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, cwd=tmp_path)
     try:
         deadline = time.time() + 120
         while "[save hook]" not in (tmp_path / "stderr.txt").read_text():
@@ -199,7 +200,7 @@ def test_ddp_two_cpu_ranks_keep_identical_weights(tmp_path):
            "train", "--data", "shapes", "--dataset-size", "16", "--out", str(tmp_path / "run"), "--steps", "3",
            "--batch-size", "2", "--T", "50", "--sample-steps", "2", "--sample-n", "2", "--dropout", "0.1",
            "--t-sampler", "importance", "--loss", "hybrid", "--no-progress"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     r0, r1 = load_file(str(dump / "rank0.safetensors")), load_file(str(dump / "rank1.safetensors"))
     _assert_bitwise_equal(r0, r1)
