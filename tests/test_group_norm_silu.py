@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 from fastdiff.ops import _backend, group_norm_silu, group_norm_silu_reference, use_backend
 from fastdiff.ops import group_norm as gn_module
+from native_harness import asan_build_and_run  # noqa: E402
 
 native = pytest.mark.skipif(_backend.native_lib is None, reason="fastdiff._C not built")
 
@@ -338,30 +339,6 @@ int main() {
 """
 
 
-def _asan_build_and_run(tmp_path, harness_source, sources):
-    import os
-    import shutil
-    import subprocess
-
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    cxx = shutil.which(os.environ.get("CXX", "g++"))
-    if cxx is None or not os.path.isdir(os.path.join(root, "csrc")):
-        pytest.skip("needs a C++ compiler and the source tree")
-    src = tmp_path / "harness.cpp"
-    src.write_text(harness_source)
-    exe = tmp_path / "harness"
-    cmd = [cxx, "-std=c++17", "-O1", "-g", "-march=native", "-fopenmp", "-fsanitize=address,undefined",
-           "-fno-omit-frame-pointer", "-fno-sanitize-recover=undefined", f"-I{root}/csrc", str(src),
-           *[os.path.join(root, s) for s in sources], "-o", str(exe)]
-    build = subprocess.run(cmd, capture_output=True, text=True)
-    if build.returncode != 0 and "sanitize" in build.stderr and "cannot find" in build.stderr:
-        pytest.skip("AddressSanitizer runtime not installed")
-    assert build.returncode == 0, build.stderr[-3000:]
-    env = dict(os.environ, ASAN_OPTIONS="detect_leaks=0:abort_on_error=0")
-    run = subprocess.run([str(exe)], capture_output=True, text=True, env=env, timeout=300)
-    assert run.returncode == 0 and run.stdout.strip().endswith("ok"), (run.stdout[-2000:], run.stderr[-4000:])
-
-
 def test_kernels_stay_in_bounds_under_asan(tmp_path):
     """The C++ kernels on exact-size buffers, built with AddressSanitizer + UBSan."""
-    _asan_build_and_run(tmp_path, _BOUNDS_HARNESS, ["csrc/cpu/group_norm_silu.cpp"])
+    asan_build_and_run(tmp_path, _BOUNDS_HARNESS, ["csrc/cpu/group_norm_silu.cpp"])
