@@ -95,9 +95,7 @@ def step_coefficients(d: GaussianDiffusion, i: int, sampler: str, eta: float = 0
     return StepCoefficients(a1, a2, c1, c2, sigma, min_log, max_log)
 
 
-def _default_device(model, x_T):
-    if x_T is not None:
-        return x_T.device
+def _default_device(model):
     if isinstance(model, torch.nn.Module):
         for p in model.parameters():
             return p.device
@@ -158,7 +156,7 @@ def sample(model: Callable, shape: Optional[Sequence[int]] = None, steps: int = 
         shape = tuple(int(s) for s in shape)
         if len(shape) < 1 or any(s < 1 for s in shape):
             raise ValueError(f"shape must be (batch, ...) with positive sizes, got {shape}")
-        device = torch.device(device) if device is not None else _default_device(model, None)
+        device = torch.device(device) if device is not None else _default_device(model)
         x = ops.randn(shape, seed=seed, step=INITIAL_NOISE_STEP, sample_offset=sample_offset,
                       dtype=dtype, device=device)
     # Every step's scalars up front: nothing is recomputed inside the loop.

@@ -3,6 +3,7 @@
 //
 // fastdiff/ops/group_norm.py validates every argument; these kernels assume valid input.
 #pragma once
+#include "cpu/bits.h"
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -50,18 +51,6 @@ void group_norm_silu_backward_cpu(const GroupNormBackwardArgs& args);
 
 // ----------------------------------------------------------------------------- helpers
 // Written as plain scalar code that GCC vectorises inside `#pragma omp simd` loops.
-
-inline float bits_to_float(uint32_t u) {
-  float f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
-}
-
-inline uint32_t float_to_bits(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof u);
-  return u;
-}
 
 inline float load_value(const float* p, int64_t i) { return p[i]; }
 inline float load_value(const uint16_t* p, int64_t i) { return bits_to_float(uint32_t(p[i]) << 16); }

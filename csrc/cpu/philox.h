@@ -6,6 +6,7 @@
 // integers in torch; the Triton kernel does too. Everything here is branch-free scalar
 // code written so that the compiler vectorises the loops that call it.
 #pragma once
+#include "cpu/bits.h"
 #include <cstdint>
 #include <cstring>
 
@@ -83,17 +84,6 @@ inline void philox4x32_10_x16(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3
 // 23 random bits -> an odd multiple of 2^-24 in (0, 1): exact in float32, never 0 or 1.
 inline float uniform_open01(uint32_t bits) {
   return static_cast<float>(((bits >> 9) << 1) | 1u) * 5.9604644775390625e-8f;  // 2^-24
-}
-
-inline float bits_to_float(uint32_t b) {
-  float f;
-  std::memcpy(&f, &b, sizeof f);
-  return f;
-}
-inline uint32_t float_to_bits(float f) {
-  uint32_t b;
-  std::memcpy(&b, &f, sizeof b);
-  return b;
 }
 
 // Natural log for x in (0, 1], |rel err| < 2e-7: Cephes' logf polynomial after splitting
