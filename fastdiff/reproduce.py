@@ -155,12 +155,6 @@ def _gaussian(f: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     return f.mean(0), np.cov(f, rowvar=False)
 
 
-def fid(gen: np.ndarray, ref: np.ndarray) -> float:
-    from fastdiff.evaluation import frechet_distance
-
-    return frechet_distance(*_gaussian(gen), *_gaussian(ref))
-
-
 def bootstrap_fid(gen: np.ndarray, ref: np.ndarray, reps: int, seed: int = 0,
                   other: Optional[np.ndarray] = None) -> Tuple[float, float, float]:
     """(FID, low, high) with a 95% normal bootstrap interval (resampling both the generated
@@ -243,6 +237,7 @@ class Run:
         self._models: Dict[str, torch.nn.Module] = {}
         self._features = None
         self._heldout = None
+        self.new_seconds = 0.0  # spent in this invocation on results that were not cached yet
         self._check_settings()
 
     def _check_settings(self) -> None:
@@ -272,7 +267,9 @@ class Run:
             return record, arrays
         t0 = time.time()
         record, arrays = compute()
-        record = dict(record, seconds=round(time.time() - t0, 2), has_arrays=bool(arrays))
+        seconds = time.time() - t0
+        self.new_seconds += seconds
+        record = dict(record, seconds=round(seconds, 2), has_arrays=bool(arrays))
         if arrays:
             buf = io.BytesIO()
             np.savez(buf, **arrays)
@@ -285,9 +282,11 @@ class Run:
         total = 0.0
         for p in self.cache.glob("*.json"):
             try:
-                total += float(json.loads(p.read_text()).get("seconds", 0.0))
+                record = json.loads(p.read_text())
             except (OSError, ValueError):
-                pass
+                continue
+            if isinstance(record, dict) and isinstance(record.get("seconds"), (int, float)):
+                total += float(record["seconds"])
         return total
 
     # -- data, features, models ----------------------------------------------------
@@ -316,6 +315,8 @@ class Run:
                 train_shapes_features(folder, steps=s.feature_steps, seed=self.seed, image_size=s.image_size,
                                       dataset_size=s.feature_dataset_size, progress=self.progress)
                 self.log(f"  done in {time.time() - t0:.0f}s")
+                self._add_training_time("shapes features", time.time() - t0)
+                self.new_seconds += time.time() - t0
             self._features = load_shapes_features(folder)
         return self._features
 
@@ -359,6 +360,7 @@ class Run:
                     raise RuntimeError(f"training {name} stopped: {result.message}")
                 self.log(f"  {name}: {result.step} steps at {result.steps_per_s:.2f} steps/s")
                 self._add_training_time(name, result.seconds)
+                self.new_seconds += result.seconds
             self._models[name] = load_checkpoint(config.out, ema=True)[0]
         return self._models[name]
 
@@ -603,7 +605,8 @@ def experiment_1(run: Run) -> Section:
                    f"({s.train_steps} steps, one training seed) is smaller than the evaluation noise.")
     return Section(
         1, EXPERIMENTS[1],
-        "Nichol & Dhariwal (2021, §3.2, Fig. 5 and Table 2 ablations): the cosine schedule "
+        "Thesis §3.1 (Eqs. 104–106), from Nichol & Dhariwal (2021, §3.2, Fig. 5 and their ablations of schedule "
+        "and objective): the cosine schedule "
         "ᾱ_t = f(t)/f(0), f(t) = cos²((t/T + s)/(1 + s) · π/2), destroys information more slowly than the "
         "linear one near t = T and gives better log-likelihood (bits/dim) after the same training.",
         [_train_line(run), _model_line(run, "linear-simple"), _model_line(run, "cosine-simple"),
@@ -719,7 +722,7 @@ def experiment_2(run: Run) -> Section:
                      "(λ = 0.001 makes its gradient small), so the ancestral sampler adds the wrong noise.")
     return Section(
         2, EXPERIMENTS[2],
-        "Nichol & Dhariwal (2021, §3.1–3.3, Table 1, Fig. 2/3): learning the reverse variance with "
+        "Thesis §3.1 (Eqs. 102–103), from Nichol & Dhariwal (2021, §3.1–3.3): learning the reverse variance with "
         "L_hybrid = L_simple + 0.001·L_vlb improves log-likelihood over L_simple while keeping its sample "
         "quality; optimising L_vlb directly, made practical by importance sampling of t (Eq. 103), gives "
         "the best log-likelihood but worse samples.",
@@ -742,6 +745,13 @@ def experiment_2(run: Run) -> Section:
 
 
 # --------------------------------------------------------------------------- experiment 3
+#: Song et al. (2021) Table 1, CIFAR-10 FIDs, as the thesis's Figure 3 quotes them: shown beside
+#: our table for the trend, never used in a computation.
+PAPER_DDIM_CIFAR10 = {0.0: ("13.36", "6.84", "4.67", "4.16", "4.04"), 0.2: ("14.04", "7.11", "4.77", "4.25", "4.09"),
+                      0.5: ("16.66", "8.35", "5.25", "4.46", "4.29"), 1.0: ("41.07", "18.36", "8.01", "5.78", "4.73"),
+                      SIGMA_HAT: ("367.43", "133.37", "32.72", "9.99", "3.17")}
+
+
 def _ddim_args(model: str, eta, steps: int) -> Tuple:
     """samples_fid arguments for a DDIM-table cell: sigma-hat is the ancestral sampler with
     sigma^2 = beta of the respaced process (Song et al. §5, as their code's `ddpm_noisy`)."""
@@ -829,7 +839,7 @@ def experiment_3(run: Run) -> Section:
                    "CIFAR-10, where the paper measured.")
     return Section(
         3, EXPERIMENTS[3],
-        "Song, Meng & Ermon (2021, Table 1; the thesis's Figure 3): with a DDPM trained by L_simple, the "
+        "The thesis's Figure 3 (§3.2), from Song, Meng & Ermon (2021, Table 1): with a DDPM trained by L_simple, the "
         "deterministic DDIM sampler (η = 0) gives the best FID with few steps S, the advantage over stochastic "
         "samplers (η > 0, η = 1 being DDPM's posterior variance) growing as S shrinks; the larger-variance "
         "ancestral sampler σ̂ (σ² = β) is good with S = 1000 steps and much worse with few.",
@@ -840,7 +850,9 @@ def experiment_3(run: Run) -> Section:
          "variance='fixed_large'))`)",
          f"FID-like against {s.n_ref} held-out shapes; 95% normal bootstrap CI ({s.bootstrap} resamples of "
          f"both sets); real-image floor at this n: {_fmt_ci(floor['fid'], *floor['ci'], digits=2)}"],
-        [_table(["", *[f"S = {S}" for S in s.ddim_steps]], rows),
+        [_table(["ours (FID-like, 16x16 shapes)", *[f"S = {S}" for S in s.ddim_steps]], rows),
+         _table(["paper (FID, CIFAR-10; thesis Fig. 3)", "S = 10", "S = 20", "S = 50", "S = 100", "S = 1000"],
+                [[_eta_label(e), *v] for e, v in PAPER_DDIM_CIFAR10.items()]),
          _table(["point of the claim", "holds here", "test"], rows_checks)],
         [(fig1, "FID-like against the number of steps, one line per η (log-log)."),
          (fig2, f"Samples at S = {small} and S = {large} (same initial noise in every row).")],
@@ -920,7 +932,8 @@ def experiment_4(run: Run) -> Section:
                    f"({s.n_gen}) and short training leave differences of this size within the noise.")
     return Section(
         4, EXPERIMENTS[4],
-        "Nichol & Dhariwal (2021, §4, Fig. 8): when the ancestral sampler is respaced to fewer steps, a model "
+        "Thesis §3.1 (last paragraphs), from Nichol & Dhariwal (2021, §4, their FID-vs-steps figure): when the "
+        "ancestral sampler is respaced to fewer steps, a model "
         "with a learned reverse variance (L_hybrid) loses much less sample quality than L_simple models with "
         "a fixed variance (σ² = β̃ or β); with fixed variances, β̃ is the worse choice at few steps.",
         [_train_line(run), "the models of experiment 2 (L_simple has the fixed variance, L_hybrid and L_vlb the learned "
@@ -1061,15 +1074,20 @@ def write_report(run: Run, sections: Sequence[Section], wall_seconds: float, thr
              "embedded `shapes` data and on the oracle kit. Every number below was measured by this run (or read "
              "back from its cache, see *Provenance*); none is copied from the papers. The papers' figures are "
              "cited for their trend only, since our models are tiny and our images 16x16.", "",
+             *(["> **This is a `--quick` run**: settings shrunk until the whole pipeline runs in minutes (models "
+                f"trained {s.train_steps} steps, T = {s.T}, {s.n_gen} samples per cell). It checks that the report is "
+                "produced; its verdicts say nothing about the papers. Run without `--quick` for those.", ""]
+               if s.name == "quick" else []),
              "## Summary", "",
              _table(["#", "experiment", "verdict"],
                     [[str(sec.number), sec.title, sec.short] for sec in sections]), "",
              "## Provenance", "",
              f"- command: `{command}`",
-             f"- this invocation's wall time: {wall_seconds / 60:.1f} min with {threads} torch thread(s); "
-             f"compute time of all cached results (including earlier, resumed invocations): "
-             f"{run.compute_seconds() / 60:.1f} min (model training not included: "
-             f"{run.training_seconds() / 60:.1f} min)",
+             f"- this invocation: {wall_seconds / 60:.1f} min wall time with {threads} torch thread(s), of which "
+             f"{run.new_seconds / 60:.1f} min computing results that were not cached yet (the rest read the cache "
+             f"of earlier invocations on the same folder and drew the report)",
+             f"- time spent on all cached results, whichever invocation computed them: model training "
+             f"{run.training_seconds() / 60:.1f} min, evaluation {run.compute_seconds() / 60:.1f} min",
              *[f"- earlier invocation on this folder: `{inv['command']}`, finished {inv['finished']}, "
                f"{inv['wall_minutes']:.1f} min with {inv['threads']} thread(s), experiments {inv['experiments']}"
                for inv in run.invocations()[:-1]],
