@@ -237,7 +237,9 @@ class Run:
         self._models: Dict[str, torch.nn.Module] = {}
         self._features = None
         self._heldout = None
-        self.new_seconds = 0.0  # spent in this invocation on results that were not cached yet
+        # seconds spent in this invocation on results that were not cached yet; training runs
+        # inside the computation of the first result that needs the model, so it is included
+        self.new_seconds = 0.0
         self._check_settings()
 
     def _check_settings(self) -> None:
@@ -316,7 +318,6 @@ class Run:
                                       dataset_size=s.feature_dataset_size, progress=self.progress)
                 self.log(f"  done in {time.time() - t0:.0f}s")
                 self._add_training_time("shapes features", time.time() - t0)
-                self.new_seconds += time.time() - t0
             self._features = load_shapes_features(folder)
         return self._features
 
@@ -360,7 +361,6 @@ class Run:
                     raise RuntimeError(f"training {name} stopped: {result.message}")
                 self.log(f"  {name}: {result.step} steps at {result.steps_per_s:.2f} steps/s")
                 self._add_training_time(name, result.seconds)
-                self.new_seconds += result.seconds
             self._models[name] = load_checkpoint(config.out, ema=True)[0]
         return self._models[name]
 
@@ -393,6 +393,13 @@ class Run:
         log.append({"command": command, "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                     "wall_minutes": round(wall_seconds / 60, 2), "threads": threads, "experiments": list(only)})
         atomic_write_bytes(path, json.dumps(log, indent=1).encode())
+
+    def cache_span(self) -> Tuple[float, float]:
+        """(first, last) modification times of the cache's records: settings.json is written
+        when a folder's first run starts, each result when it is done."""
+        times = [p.stat().st_mtime for p in self.cache.glob("*.json")
+                 if p.name not in ("invocations.json", "training-times.json")]
+        return min(times), max(times)
 
     def invocations(self) -> List[dict]:
         path = self.cache / "invocations.json"
@@ -608,10 +615,12 @@ def experiment_1(run: Run) -> Section:
         "Thesis §3.1 (Eqs. 104–106), from Nichol & Dhariwal (2021, §3.2, Fig. 5 and their ablations of schedule "
         "and objective): the cosine schedule "
         "ᾱ_t = f(t)/f(0), f(t) = cos²((t/T + s)/(1 + s) · π/2), destroys information more slowly than the "
-        "linear one near t = T and gives better log-likelihood (bits/dim) after the same training.",
+        "linear one, which reaches near-pure noise well before t = T (its last steps add little, worse so at low "
+        "resolution), and gives better log-likelihood (bits/dim) after the same training.",
         [_train_line(run), _model_line(run, "linear-simple"), _model_line(run, "cosine-simple"),
          f"bits/dim: the full {s.T}-term bound (`GaussianDiffusion.nll_bpd`, clipped x̂_0) on {s.bpd_images} held-out "
-         f"images, the same images and noise draws for both models; 95% Student-t intervals over images, "
+         f"images, the same images and noise draws (torch seed {run.seed + 17}) for both models; 95% Student-t "
+         f"intervals over images, "
          f"the difference paired per image"],
         [_table(["model", "bits/dim, mean [95% CI]"], rows)],
         [(fig1, "Left: ᾱ_t of both schedules. Middle: the held-out mean of each VLB term L_t. Right: bits/dim.")],
@@ -1062,18 +1071,19 @@ EXPERIMENT_FUNCTIONS = {1: experiment_1, 2: experiment_2, 3: experiment_3, 4: ex
 
 # --------------------------------------------------------------------------- report
 def write_report(run: Run, sections: Sequence[Section], wall_seconds: float, threads: int, command: str) -> Path:
+    from fastdiff.evaluation import SHAPES_RECORD
     from fastdiff.train import atomic_write_bytes
 
     s = run.settings
-    from fastdiff.evaluation import SHAPES_RECORD
+    first, last = run.cache_span()
 
     record_path = run.out / "features" / SHAPES_RECORD
     feats = json.loads(record_path.read_text()) if record_path.exists() else {}
     lines = [f"# fastdiff reproduce — {s.name} run", "",
              "A small-scale reproduction of the claims the thesis (`diffusion models in depth`) reports, on the "
-             "embedded `shapes` data and on the oracle kit. Every number below was measured by this run (or read "
-             "back from its cache, see *Provenance*); none is copied from the papers. The papers' figures are "
-             "cited for their trend only, since our models are tiny and our images 16x16.", "",
+             "embedded `shapes` data and on the oracle kit. Every number in our tables was measured by this run (or "
+             "read back from its cache, see *Provenance*); the papers' own numbers appear only in tables labelled "
+             "*paper*, for their trend: our models are tiny and our images 16x16, so only trends can be compared.", "",
              *(["> **This is a `--quick` run**: settings shrunk until the whole pipeline runs in minutes (models "
                 f"trained {s.train_steps} steps, T = {s.T}, {s.n_gen} samples per cell). It checks that the report is "
                 "produced; its verdicts say nothing about the papers. Run without `--quick` for those.", ""]
@@ -1086,8 +1096,9 @@ def write_report(run: Run, sections: Sequence[Section], wall_seconds: float, thr
              f"- this invocation: {wall_seconds / 60:.1f} min wall time with {threads} torch thread(s), of which "
              f"{run.new_seconds / 60:.1f} min computing results that were not cached yet (the rest read the cache "
              f"of earlier invocations on the same folder and drew the report)",
-             f"- time spent on all cached results, whichever invocation computed them: model training "
-             f"{run.training_seconds() / 60:.1f} min, evaluation {run.compute_seconds() / 60:.1f} min",
+             f"- time spent computing all cached results, whichever invocation computed them: "
+             f"{run.compute_seconds() / 60:.1f} min, of which training {run.training_seconds() / 60:.1f} min; "
+             f"the cache was filled from {_utc(first)} to {_utc(last)} ({(last - first) / 60:.1f} min of wall clock)",
              *[f"- earlier invocation on this folder: `{inv['command']}`, finished {inv['finished']}, "
                f"{inv['wall_minutes']:.1f} min with {inv['threads']} thread(s), experiments {inv['experiments']}"
                for inv in run.invocations()[:-1]],
@@ -1101,7 +1112,7 @@ def write_report(run: Run, sections: Sequence[Section], wall_seconds: float, thr
                      f"accuracy {feats.get('held_out_accuracy', float('nan')):.3f}")
     lines += ["", "Intervals are 95%. bits/dim: Student-t over held-out images (paired for differences). FID-like: "
               "point ± 1.96 bootstrap standard errors, resampling generated and reference features (paired for differences between sample "
-              "sets drawn from the same initial noise). Oracle: Student-t over seeds. Each model is trained once, so "
+              "sets drawn from the same initial noise; numpy seeds --seed and --seed + 5). Oracle: Student-t over seeds. Each model is trained once, so "
               "no interval includes the variance between training seeds — the largest caveat of this report.", ""]
     for sec in sections:
         lines += [f"## {sec.number}. {sec.title}", "", f"**Paper's claim.** {sec.claim}", "", "**Settings.**", ""]
@@ -1117,6 +1128,10 @@ def write_report(run: Run, sections: Sequence[Section], wall_seconds: float, thr
     numbers = {str(sec.number): sec.numbers for sec in sections}
     atomic_write_bytes(run.out / "results.json", json.dumps(numbers, indent=1, default=_json_default).encode())
     return path
+
+
+def _utc(t: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(t))
 
 
 def _json_default(o):
