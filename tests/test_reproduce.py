@@ -63,6 +63,14 @@ def test_other_settings_in_the_same_folder_are_refused(tmp_path):
 
 
 # --------------------------------------------------------------------------- arguments
+def test_help(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["reproduce", "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "usage: fastdiff reproduce" in out and "--quick" in out and "--only" in out
+
+
 @pytest.mark.parametrize("argv, needle", [
     (["--only", "7"], "--only"),
     (["--only", "1,x"], "'1,x'"),
