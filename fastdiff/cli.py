@@ -83,6 +83,9 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--class-cond", action="store_true", help="condition on the dataset's labels")
     p.add_argument("--p-uncond", type=_nonneg_float, default=0.1, help="label dropout (classifier-free guidance)")
+    p.add_argument("--guidance-scale", type=_nonneg_float, default=None,
+                   help="default classifier-free guidance w recorded with the model for sampling (default: 3 "
+                   "with --class-cond and --p-uncond > 0, else 0)")
     p.add_argument("--image-size", type=_positive_int, default=32)
     p.add_argument("--dataset-size", type=_positive_int, default=None, help="size of the generated 'shapes' set")
     p.add_argument("--save-every", type=_positive_int, default=500)
@@ -103,7 +106,7 @@ def _config_from_args(a: argparse.Namespace):
                        grad_clip=a.grad_clip, ema_rate=a.ema_rate, loss=a.loss, t_sampler=a.t_sampler,
                        schedule=a.schedule, T=a.T, prediction=a.prediction, variance=a.variance,
                        dropout=a.dropout, bf16=a.bf16, channels_last=a.channels_last, class_cond=a.class_cond,
-                       p_uncond=a.p_uncond, image_size=a.image_size, dataset_size=a.dataset_size,
+                       p_uncond=a.p_uncond, guidance_scale=a.guidance_scale, image_size=a.image_size, dataset_size=a.dataset_size,
                        save_every=a.save_every, sample_every=a.sample_every, sample_n=a.sample_n,
                        sample_steps=a.sample_steps, max_nonfinite=a.max_nonfinite, max_minutes=a.max_minutes,
                        device=a.device, progress=not a.no_progress)
@@ -136,45 +139,74 @@ def cmd_sample(a: argparse.Namespace) -> int:
     import fastdiff
     from fastdiff.data import to_uint8
     from fastdiff.image_utils import save_image_grid
-    from fastdiff.train import load_checkpoint
+    from fastdiff.train import load_checkpoint, load_model
 
-    model, record = load_checkpoint(a.dir, ema=not a.no_ema)
+    source = Path(a.dir)
+    if source.is_dir():
+        model, record = load_checkpoint(source, ema=not a.no_ema)
+        origin = f"step {record['step']}, {'model' if a.no_ema else 'EMA'} weights"
+    else:
+        if a.no_ema:
+            raise UserError(f"--no-ema needs a run folder; {a.dir} is an exported model file")
+        model, info = load_model(source)
+        origin = f"step {info['step']}, {info['weights']} weights of {source.name}"
     if a.steps > model.diffusion.T:
         raise UserError(f"--steps {a.steps} exceeds the model's T={model.diffusion.T}")
-    labels = None
-    if model.num_classes:
-        if a.label is not None and not 0 <= a.label < model.num_classes:
-            raise UserError(f"--class must be in [0, {model.num_classes - 1}], got {a.label}")
-        labels = torch.full((a.n,), a.label) if a.label is not None else torch.arange(a.n) % model.num_classes
-    elif a.label is not None and a.classifier is None:
-        raise UserError("--class given but the model is not class-conditional (and no --classifier)")
-    elif a.classifier is not None:
-        labels = torch.full((a.n,), a.label) if a.label is not None else None
-    if a.guidance_scale and not model.num_classes:
-        raise UserError("--guidance-scale needs a class-conditional model (trained with labels)")
-    classifier = None
+    n, nrow = a.n, int(math.ceil(math.sqrt(a.n)))
+    num_classes = model.num_classes
     if a.classifier is not None:
         from fastdiff.classifier_training import load_classifier
         classifier = load_classifier(a.classifier)
-        if labels is None:
-            labels = torch.arange(a.n) % classifier.num_classes
+        num_classes = num_classes or classifier.num_classes
+    else:
+        classifier = None
+    labels = None
+    if a.per_class is not None:
+        if not num_classes:
+            raise UserError("--per-class needs a class-conditional model or a --classifier")
+        if a.label is not None:
+            raise UserError("--per-class draws every class; it cannot be combined with --class")
+        n, nrow = a.per_class * num_classes, a.per_class
+        labels = torch.arange(n) // a.per_class  # row k: class k
+    elif a.label is not None:
+        if not num_classes:
+            raise UserError("--class given but the model is not class-conditional (and no --classifier)")
+        if not 0 <= a.label < num_classes:
+            raise UserError(f"--class must be in [0, {num_classes - 1}], got {a.label}")
+        labels = torch.full((n,), a.label)
+    elif num_classes:
+        labels = torch.arange(n) % num_classes
+    if a.guidance_scale and not model.num_classes:
+        raise UserError("--guidance-scale needs a class-conditional model (trained with labels)")
+    w = a.guidance_scale
+    if w is None:
+        w = model.default_guidance_scale if model.num_classes else 0.0
     t0 = time.time()
-    x = fastdiff.sample(model, n=a.n, steps=a.steps, eta=a.eta, seed=a.seed, sampler=a.sampler,
-                        progress=not a.no_progress, y=labels, guidance_scale=a.guidance_scale,
+    x = fastdiff.sample(model, n=n, steps=a.steps, eta=a.eta, seed=a.seed, sampler=a.sampler,
+                        progress=not a.no_progress, y=labels, guidance_scale=w,
                         classifier=classifier, classifier_scale=a.classifier_scale)
     seconds = time.time() - t0
     out = Path(a.out)
     png, npz = (out, out.with_suffix(".npz")) if out.suffix.lower() != ".npz" else (out.with_suffix(".png"), out)
     if png.suffix.lower() != ".png":
         png = png.with_suffix(png.suffix + ".png")
-    save_image_grid(x, png, nrow=int(math.ceil(math.sqrt(a.n))), scale=2)
+    save_image_grid(x, png, nrow=nrow, scale=2)
     arrays = {"images": to_uint8(x).permute(0, 2, 3, 1).numpy()}
     if labels is not None:
         arrays["labels"] = labels.numpy()
     np.savez(npz, **arrays)
-    print(f"{a.n} samples ({a.sampler}, {a.steps} steps, eta={a.eta}) in {seconds:.1f}s "
-          f"({a.n / seconds:.2f} samples/s): {png} and {npz} (step {record['step']}, "
-          f"{'model' if a.no_ema else 'EMA'} weights)")
+    guided = f", guidance scale {w:g}" if model.num_classes else ""
+    print(f"{n} samples ({a.sampler}, {a.steps} steps, eta={a.eta}{guided}) in {seconds:.1f}s "
+          f"({n / seconds:.2f} samples/s): {png} and {npz} ({origin})")
+    return 0
+
+
+def cmd_export(a: argparse.Namespace) -> int:
+    from fastdiff.train import export_model
+
+    path = export_model(a.dir, a.out, ema=not a.no_ema, dtype=a.dtype)
+    print(f"exported {'model' if a.no_ema else 'EMA'} weights of {a.dir} ({a.dtype}) to {path} "
+          f"({path.stat().st_size / 1e6:.1f} MB)")
     return 0
 
 
@@ -238,9 +270,10 @@ def run_demo(out: str = "fastdiff-demo", minutes: float = 9.0, preset: Optional[
              n: int = 100, seed: int = 0, lr: float = 2e-3, dataset_size: int = 10000, fp32: bool = False,
              image_size: int = 16, threads: Optional[int] = None) -> dict:
     """Train a class-conditional U-Net on the embedded shapes within `minutes` of wall clock
-    (sampling included), then draw an n-image DDIM-50 grid, one row per class. Training
-    runs under bf16 autocast with channels_last unless fp32 (about 2x the steps on CPUs
-    with bf16 instructions; the weights and the optimizer stay fp32).
+    (sampling included), then draw an n-image DDIM-50 grid, one row per class, at the
+    model's default classifier-free guidance scale. Training runs under bf16 autocast with
+    channels_last unless fp32 (about 2x the steps on CPUs with bf16 instructions; the
+    weights and the optimizer stay fp32).
 
     The shapes are rendered at image_size=16 by default: every class stays recognisable
     (see fastdiff.data.make_shapes) at a quarter of the 32x32 cost, which is what lets a
@@ -299,7 +332,8 @@ def run_demo(out: str = "fastdiff-demo", minutes: float = 9.0, preset: Optional[
     model, _ = load_checkpoint(out_dir, ema=True)
     labels = (torch.arange(n) // 10) % 10  # 10 columns: row k shows class k
     t0 = time.time()
-    x = fastdiff.sample(model, n=n, steps=ddim_steps, eta=0.0, seed=seed, model_kwargs={"y": labels}, progress=True)
+    w = model.default_guidance_scale
+    x = fastdiff.sample(model, n=n, steps=ddim_steps, eta=0.0, seed=seed, y=labels, guidance_scale=w, progress=True)
     sample_seconds = time.time() - t0
     save_image_grid(x, out_dir / "samples.png", nrow=min(10, n), scale=max(2, 96 // image_size))
     np.savez(out_dir / "samples.npz", images=to_uint8(x).permute(0, 2, 3, 1).numpy(), labels=labels.numpy())
@@ -308,7 +342,7 @@ def run_demo(out: str = "fastdiff-demo", minutes: float = 9.0, preset: Optional[
         "train_steps": result.step, "train_seconds": round(result.seconds, 1),
         "train_steps_per_s": round(result.steps_per_s, 3), "train_images_per_s": round(result.samples_per_s, 2),
         "batch_size": batch_size, "image_size": image_size, "precision": "fp32" if fp32 else "bf16 autocast + channels_last",
-        "sampler": f"DDIM-{ddim_steps}, eta=0 (fp32)", "sample_images": n,
+        "sampler": f"DDIM-{ddim_steps}, eta=0 (fp32)", "guidance_scale": w, "sample_images": n,
         "sample_seconds": round(sample_seconds, 1), "sample_images_per_s": round(n / sample_seconds, 3),
         "total_seconds": round(total, 1), "parameters": params, "final_loss": round(float(np.mean(
             [l for _, l in result.losses[-50:]])), 4) if result.losses else None,
@@ -321,7 +355,8 @@ def run_demo(out: str = "fastdiff-demo", minutes: float = 9.0, preset: Optional[
         f"# fastdiff demo\n\nA {params / 1e6:.2f}M-parameter class-conditional U-Net "
         f"({image_size}x{image_size}, v-prediction, cosine schedule) trained for "
         f"{result.step} steps ({result.seconds / 60:.1f} min, batch {batch_size}) on the embedded `shapes` data, "
-        f"sampled with DDIM-{ddim_steps} (eta 0, EMA weights). Row k of the grid is class k.\n\n"
+        f"sampled with DDIM-{ddim_steps} (eta 0, EMA weights, classifier-free guidance w = {w:g}). "
+        f"Row k of the grid is class k.\n\n"
         f"![samples](samples.png)\n\n![loss](loss.png)\n\n| row | class |\n|---|---|\n{rows}\n\n"
         f"## Speed\n\n| measure | value |\n|---|---|\n"
         + "".join(f"| {k} | {v} |\n" for k, v in speed.items()))
@@ -404,9 +439,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_args(p)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("sample", help="draw samples from a trained run",
-                       description="Sample a trained run; writes a PNG grid and an .npz (uint8 NHWC 'images').")
-    p.add_argument("dir", help="run folder (holding checkpoint.json)")
+    p = sub.add_parser("sample", help="draw samples from a trained run or an exported model",
+                       description="Sample a trained run or a `fastdiff export` file; writes a PNG grid and an "
+                       ".npz (uint8 NHWC 'images', and 'labels' for class-conditional sampling).")
+    p.add_argument("dir", help="run folder (holding checkpoint.json) or exported model file (.safetensors)")
     p.add_argument("--n", type=_positive_int, default=16, help="number of samples (default: 16)")
     p.add_argument("--steps", type=_positive_int, default=50, help="sampler steps (default: 50)")
     p.add_argument("--eta", type=_nonneg_float, default=0.0, help="DDIM eta (default: 0)")
@@ -416,12 +452,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-ema", action="store_true", help="use the raw weights, not the EMA")
     p.add_argument("--class", "--label", dest="label", type=int, default=None,
                    help="class of every sample (default: cycle through the classes)")
-    p.add_argument("--guidance-scale", type=_nonneg_float, default=0.0,
-                   help="classifier-free guidance w: (1+w) eps(x, y) - w eps(x) (default: 0)")
+    p.add_argument("--per-class", type=_positive_int, default=None, metavar="K",
+                   help="K samples of every class, one row per class (instead of --n)")
+    p.add_argument("--guidance-scale", type=_nonneg_float, default=None,
+                   help="classifier-free guidance w: (1+w) eps(x, y) - w eps(x) (default: the model's, "
+                   "recorded at training)")
     p.add_argument("--classifier", default=None, help="folder of a `fastdiff train-classifier` run: classifier guidance")
     p.add_argument("--classifier-scale", type=_nonneg_float, default=1.0, help="classifier guidance scale (default: 1)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("export", help="write a run's weights as one small self-describing file",
+                       description="Write the EMA weights of a training run, with the U-Net and diffusion "
+                       "configuration and default guidance scale in the file's metadata, as one .safetensors "
+                       "file (no optimizer state) that `fastdiff sample` and fastdiff.train.load_model read.")
+    p.add_argument("dir", help="run folder (holding checkpoint.json)")
+    p.add_argument("--out", required=True, help="output .safetensors file")
+    p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32",
+                   help="storage precision (loaded back as fp32; default: fp32)")
+    p.add_argument("--no-ema", action="store_true", help="export the raw weights, not the EMA")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("train-classifier", help="train a noisy classifier for classifier guidance",
                        description="Train a time-conditioned classifier of noised images x_t (Dhariwal & Nichol), "

@@ -8,6 +8,7 @@ few steps; the model always sees the original timesteps.
 from __future__ import annotations
 
 import functools
+import math
 from typing import Callable, List, Optional, Sequence, Union
 
 import numpy as np
@@ -109,7 +110,7 @@ def sample(model: Callable, shape: Optional[Sequence[int]] = None, steps: int = 
            n: int = 16, model_kwargs: Optional[dict] = None, progress: bool = False,
            device=None, dtype: torch.dtype = torch.float32, sample_offset: int = 0,
            cuda_graph: bool = False, compile: Optional[str] = None,
-           y: Optional[Union[int, torch.Tensor]] = None, guidance_scale: float = 0.0,
+           y: Optional[Union[int, torch.Tensor]] = None, guidance_scale: Optional[float] = None,
            classifier: Optional[Callable] = None, classifier_scale: float = 1.0,
            null_label: Optional[int] = None) -> torch.Tensor:
     """Draw samples by DDIM (Eq. 114, sigma from Eq. 119) or ancestral DDPM.
@@ -126,8 +127,9 @@ def sample(model: Callable, shape: Optional[Sequence[int]] = None, steps: int = 
     y: class labels (int or (B,)): passed to the model as `y=` when it is class-conditional
         (has a `num_classes` attribute that is not None), and the classifier's target.
     guidance_scale: classifier-free guidance w (Ho & Salimans): eps~ = (1 + w) eps(x, y) -
-        w eps(x, none); 0 samples p(x | y). The "no label" index is `null_label`, by default
-        model.num_classes.
+        w eps(x, none); 0 samples p(x | y). None: the model's `default_guidance_scale` when y
+        is given (a trained class-conditional model's, see TrainConfig.guidance_scale), else 0.
+        The "no label" index is `null_label`, by default model.num_classes.
     classifier, classifier_scale: classifier guidance (Dhariwal & Nichol) toward y with a
         time-conditioned classifier(x_t, t) -> logits: DDIM uses eps - s sqrt(1 - abar)
         grad log p(y | x_t); ancestral sampling shifts the mean by s Sigma grad log p(y | x_t).
@@ -167,8 +169,15 @@ def sample(model: Callable, shape: Optional[Sequence[int]] = None, steps: int = 
     mean_only = sampler == "ddim" and d.learned_variance
     batch = x.shape[0]
     model_fn = model
-    if guidance_scale is None or not np.isfinite(guidance_scale) or guidance_scale < 0:
+    if guidance_scale is None:
+        guidance_scale = float(getattr(model, "default_guidance_scale", 0.0)) if y is not None else 0.0
+    try:
+        w = float(guidance_scale)
+    except (TypeError, ValueError):
+        w = math.nan
+    if not math.isfinite(w) or w < 0:
         raise ValueError(f"guidance_scale must be a finite number >= 0, got {guidance_scale!r}")
+    guidance_scale = w
     if classifier is not None and (classifier_scale is None or not np.isfinite(classifier_scale)):
         raise ValueError(f"classifier_scale must be a finite number, got {classifier_scale!r}")
     if y is not None:

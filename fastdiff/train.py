@@ -41,7 +41,11 @@ CHECKPOINT_JSON = "checkpoint.json"
 FORMAT = "fastdiff-checkpoint-1"
 # Fields of a resumed run that may differ from the checkpoint's config.
 RESUMABLE_OVERRIDES = ("steps", "out", "resume", "save_every", "sample_every", "sample_at_end", "progress",
-                       "max_minutes", "max_nonfinite", "keep_checkpoints", "log_every")
+                       "max_minutes", "max_nonfinite", "keep_checkpoints", "log_every", "guidance_scale")
+# The classifier-free guidance w a class-conditional model trained with label dropout samples
+# at unless told otherwise (see TrainConfig.guidance_scale).
+DEFAULT_GUIDANCE_SCALE = 3.0
+MODEL_FORMAT = "fastdiff-model-1"
 
 
 @dataclass
@@ -74,6 +78,8 @@ class TrainConfig:
     dropout: Optional[float] = None      # default: the preset's
     class_cond: bool = False
     p_uncond: float = 0.1                # label dropout for classifier-free guidance
+    guidance_scale: Optional[float] = None  # the model's default w at sampling; None: DEFAULT_GUIDANCE_SCALE
+                                         # when class_cond with p_uncond > 0, else 0
     model: Dict[str, Any] = field(default_factory=dict)  # further UNet keyword arguments
     # bookkeeping
     save_every: int = 500
@@ -109,6 +115,8 @@ class TrainConfig:
         need(self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps!r}")
         need(self.grad_clip >= 0, f"grad_clip must be >= 0 (0 disables), got {self.grad_clip!r}")
         need(0.0 <= self.p_uncond < 1.0, f"p_uncond must be in [0, 1), got {self.p_uncond!r}")
+        need(self.guidance_scale is None or (math.isfinite(self.guidance_scale) and self.guidance_scale >= 0),
+             f"guidance_scale must be None or a finite number >= 0, got {self.guidance_scale!r}")
         need(self.max_nonfinite >= 0, f"max_nonfinite must be >= 0, got {self.max_nonfinite!r}")
         need(self.sample_steps <= self.T, f"sample_steps={self.sample_steps} must be <= T={self.T}")
         return self
@@ -116,6 +124,14 @@ class TrainConfig:
     @property
     def resolved_variance(self) -> str:
         return self.variance or ("fixed_small" if self.loss == "simple" else "learned_range")
+
+    @property
+    def resolved_guidance_scale(self) -> float:
+        """The w `fastdiff.sample(model, y=...)` uses when given none: guidance needs the
+        unconditional branch that label dropout trains, so 0 without it."""
+        if not self.class_cond or self.p_uncond == 0:
+            return 0.0
+        return DEFAULT_GUIDANCE_SCALE if self.guidance_scale is None else float(self.guidance_scale)
 
 
 @dataclass
@@ -345,7 +361,65 @@ def load_checkpoint(out, ema: bool = True, device="cpu") -> Tuple[UNet, dict]:
     tensors = _load_tensors(out, record)
     prefix = "ema." if ema else "model."
     model.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+    model.default_guidance_scale = config.resolved_guidance_scale
     return model.to(device).eval(), record
+
+
+_EXPORT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def export_model(run, path, ema: bool = True, dtype: str = "fp32") -> Path:
+    """Write the weights of a training run (EMA unless ema=False) as one self-describing
+    safetensors file: the tensors (stored as `dtype`: "fp32", "fp16" or "bf16"; loaded back
+    as fp32) and, in its metadata, the U-Net and diffusion configuration and the default
+    guidance scale. `load_model` reads it; a few MB instead of a checkpoint's optimizer state."""
+    from safetensors.torch import save as st_save
+
+    if dtype not in _EXPORT_DTYPES:
+        raise ValueError(f"dtype must be one of {tuple(_EXPORT_DTYPES)}, got {dtype!r}")
+    model, record = load_checkpoint(run, ema=ema)
+    tensors = {k: (v.to(_EXPORT_DTYPES[dtype]) if v.is_floating_point() else v).contiguous()
+               for k, v in model.state_dict().items()}
+    config = config_from_dict(record["config"])
+    metadata = {"format": MODEL_FORMAT, "model_config": json.dumps(record["model_config"]),
+                "config": json.dumps(dataclasses.asdict(config)), "step": str(record["step"]),
+                "weights": "ema" if ema else "model", "stored_dtype": dtype,
+                "default_guidance_scale": repr(config.resolved_guidance_scale)}
+    path = Path(path)
+    if path.parent != Path(""):
+        path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, st_save(tensors, metadata=metadata))
+    return path
+
+
+def load_model(path, device="cpu") -> Tuple[UNet, dict]:
+    """(model, info) from a file written by `export_model` or from a training folder (its
+    EMA weights); the model carries its GaussianDiffusion and default guidance scale and is
+    in eval mode. info: the training config, step and where the weights came from."""
+    from safetensors import safe_open
+
+    path = Path(os.path.expanduser(str(path)))
+    if path.is_dir() or path.name == CHECKPOINT_JSON:
+        model, record = load_checkpoint(path, device=device)
+        return model, {"config": record["config"], "step": record["step"], "weights": "ema", "source": str(path)}
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such model file or training folder")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:
+        raise ValueError(f"{path}: not a safetensors model file ({type(e).__name__}: {e})") from None
+    if metadata.get("format") != MODEL_FORMAT:
+        raise ValueError(f"{path}: not a fastdiff model file (format {metadata.get('format')!r}; "
+                         f"write one with `fastdiff export`)")
+    config = config_from_dict(json.loads(metadata["config"]))
+    model = UNet(diffusion=build_diffusion(config), **json.loads(metadata["model_config"]))
+    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in tensors.items()})
+    model.default_guidance_scale = float(metadata["default_guidance_scale"])
+    info = {"config": dataclasses.asdict(config), "step": int(metadata["step"]), "weights": metadata["weights"],
+            "source": str(path)}
+    return model.to(device).eval(), info
 
 
 def config_from_dict(d: dict) -> TrainConfig:
@@ -407,15 +481,17 @@ def _read_log(path: Path, before_step: int) -> List[Tuple[int, float]]:
     return out
 
 
-def write_samples(model: UNet, path: Path, n: int, steps: int, seed: int = 0) -> torch.Tensor:
-    """A grid of n DDIM samples (eta=0) of model into path (PNG); returns the samples."""
+def write_samples(model: UNet, path: Path, n: int, steps: int, seed: int = 0,
+                  guidance_scale: float = 0.0) -> torch.Tensor:
+    """A grid of n DDIM samples (eta=0) of model into path (PNG), classes in turn for a
+    class-conditional model (guided by guidance_scale); returns the samples."""
     from fastdiff.image_utils import save_image_grid
     from fastdiff.sampling import sample
 
-    kwargs = {}
+    y = None
     if model.num_classes:
-        kwargs["y"] = torch.arange(n, device=next(model.parameters()).device) % model.num_classes
-    x = sample(model, n=n, steps=steps, eta=0.0, seed=seed, model_kwargs=kwargs)
+        y = torch.arange(n, device=next(model.parameters()).device) % model.num_classes
+    x = sample(model, n=n, steps=steps, eta=0.0, seed=seed, y=y, guidance_scale=guidance_scale if y is not None else 0.0)
     save_image_grid(x, path, nrow=int(math.ceil(math.sqrt(n))), scale=2)
     return x
 
@@ -505,7 +581,7 @@ def train(config: TrainConfig) -> TrainResult:
     def samples(step):
         if rank == 0:
             write_samples(ema, out / "samples" / f"step-{step:08d}.png", config.sample_n, config.sample_steps,
-                          seed=config.seed)
+                          seed=config.seed, guidance_scale=config.resolved_guidance_scale)
 
     status, message = "done", ""
     t_start = time.time()

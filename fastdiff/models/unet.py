@@ -161,7 +161,12 @@ class UNet(nn.Module):
     num_classes: class-conditional; y=None or y == num_classes means "no label".
     learn_sigma / diffusion: 2C output channels when learn_sigma or diffusion.learned_variance;
         `diffusion` (a GaussianDiffusion) is carried for fastdiff.sample.
+
+    default_guidance_scale: the classifier-free guidance w `fastdiff.sample(model, y=...)` uses
+    when given none; 0 here, set from the training config by fastdiff.train.load_checkpoint.
     """
+
+    default_guidance_scale: float = 0.0
 
     def __init__(self, image_size: int = 32, in_channels: int = 3, model_channels: int = 128,
                  channel_mult: Sequence[int] = (1, 2, 2, 2), num_res_blocks: int = 2,
