@@ -12,4 +12,14 @@ from fastdiff.sampling import sample, space_timesteps  # noqa: E402
 from fastdiff.schedule import NoiseSchedule  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["GaussianDiffusion", "NoiseSchedule", "UNet", "compile", "ops", "sample", "space_timesteps", "__version__"]
+__all__ = ["GaussianDiffusion", "NoiseSchedule", "UNet", "compile", "load_model", "ops", "sample", "space_timesteps",
+           "__version__"]
+
+
+def __getattr__(name):
+    # fastdiff.load_model (a run folder or a `fastdiff export` file) without importing the
+    # training machinery at `import fastdiff`.
+    if name == "load_model":
+        from fastdiff.train import load_model
+        return load_model
+    raise AttributeError(f"module 'fastdiff' has no attribute {name!r}")

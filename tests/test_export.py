@@ -62,7 +62,7 @@ def test_half_precision_export_is_smaller_and_close(runs, tmp_path):
 
 
 def test_load_model_reads_a_run_folder_too(runs):
-    model, info = load_model(runs / "cond")
+    model, info = fastdiff.load_model(runs / "cond")  # the top-level name is fastdiff.train.load_model
     assert info["step"] == 2 and model.default_guidance_scale == DEFAULT_GUIDANCE_SCALE
 
 
