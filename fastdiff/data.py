@@ -157,6 +157,11 @@ def make_shapes(n: int, seed: int = 0, size: int = 32) -> Tuple[np.ndarray, np.n
     """n RGB images (n, 3, size, size) uint8 and their labels (shape kind). Image i depends on
     (seed, i) only. Each: one shape of a random colour, position, size (and rotation where it
     shows), anti-aliased, on a plain or gradient background of a contrasting darkness."""
+    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 10:
+        raise ValueError(f"size must be an integer >= 10 (the largest shape and its 1-pixel margin must fit), "
+                         f"got {size!r}")
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
+        raise ValueError(f"n must be an integer >= 0, got {n!r}")
     ss = 4  # super-sampling factor for anti-aliasing
     grid = (np.arange(size * ss) + 0.5) / ss
     xx, yy = np.meshgrid(grid, grid)

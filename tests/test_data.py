@@ -136,3 +136,12 @@ def test_step_sampler_depends_only_on_seed_and_step():
     r0, r1 = StepSampler(10, 2, seed=1, rank=0, world=2), StepSampler(10, 2, seed=1, rank=1, world=2)
     assert set(r0.indices(0)).isdisjoint(r1.indices(0))
     assert np.concatenate([r0.indices(0), r1.indices(0)]).tolist() == StepSampler(10, 4, seed=1).indices(0).tolist()
+
+
+@pytest.mark.parametrize("kwargs, needle", [(dict(n=4, size=9), "size must be an integer >= 10 .*got 9"),
+                                            (dict(n=4, size=16.0), "size must be an integer"),
+                                            (dict(n=-1, size=16), "n must be an integer >= 0, got -1")])
+def test_shapes_bad_arguments_are_named(kwargs, needle):
+    with pytest.raises(ValueError, match=needle.replace("(", r"\(")):
+        make_shapes(**kwargs)
+    assert make_shapes(2, size=10)[0].shape == (2, 3, 10, 10)  # the smallest size that fits
