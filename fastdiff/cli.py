@@ -17,7 +17,7 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 from fastdiff.data import DatasetError
 
@@ -53,6 +53,16 @@ def _positive_float(s: str) -> float:
     return v
 
 
+def _step_list(s: str) -> Tuple[int, ...]:
+    try:
+        steps = tuple(int(v) for v in s.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated step numbers (e.g. 15000,18000), got {s!r}") from None
+    if any(v < 1 for v in steps) or list(steps) != sorted(set(steps)):
+        raise argparse.ArgumentTypeError(f"expected increasing positive step numbers, got {s!r}")
+    return steps
+
+
 # --------------------------------------------------------------------------- train
 def _add_train_args(p: argparse.ArgumentParser) -> None:
     from fastdiff.diffusion import LOSSES, PREDICTIONS, T_SAMPLERS, VARIANCES
@@ -68,6 +78,9 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     p.add_argument("--lr", type=_positive_float, default=2e-4, help="peak learning rate (default: 2e-4)")
     p.add_argument("--warmup", type=int, default=500, help="linear LR warm-up steps (default: 500)")
+    p.add_argument("--lr-milestones", type=_step_list, default=(), metavar="STEPS",
+                   help="comma-separated steps at which the LR is multiplied by --lr-gamma (default: none)")
+    p.add_argument("--lr-gamma", type=_positive_float, default=0.1, help="LR factor at each milestone (default: 0.1)")
     p.add_argument("--weight-decay", type=_nonneg_float, default=0.0)
     p.add_argument("--grad-clip", type=_nonneg_float, default=1.0, help="max gradient norm, 0 disables")
     p.add_argument("--ema-rate", type=_nonneg_float, default=0.9999)
@@ -102,7 +115,8 @@ def _config_from_args(a: argparse.Namespace):
     from fastdiff.train import TrainConfig
 
     return TrainConfig(data=a.data, out=a.out, steps=a.steps, preset=a.preset, batch_size=a.batch_size, seed=a.seed,
-                       resume=a.resume, lr=a.lr, warmup_steps=a.warmup, weight_decay=a.weight_decay,
+                       resume=a.resume, lr=a.lr, warmup_steps=a.warmup, lr_milestones=a.lr_milestones,
+                       lr_gamma=a.lr_gamma, weight_decay=a.weight_decay,
                        grad_clip=a.grad_clip, ema_rate=a.ema_rate, loss=a.loss, t_sampler=a.t_sampler,
                        schedule=a.schedule, T=a.T, prediction=a.prediction, variance=a.variance,
                        dropout=a.dropout, bf16=a.bf16, channels_last=a.channels_last, class_cond=a.class_cond,

@@ -63,6 +63,8 @@ class TrainConfig:
     lr: float = 2e-4
     weight_decay: float = 0.0
     warmup_steps: int = 500              # linear LR warm-up (Ho et al.: 5000)
+    lr_milestones: Tuple[int, ...] = ()  # steps at which the LR is multiplied by lr_gamma
+    lr_gamma: float = 0.1
     grad_clip: float = 1.0
     ema_rate: float = 0.9999
     bf16: bool = False                   # bf16 autocast of the model
@@ -113,6 +115,12 @@ class TrainConfig:
         need(self.lr > 0 and math.isfinite(self.lr), f"lr must be a positive number, got {self.lr!r}")
         need(0.0 <= self.ema_rate < 1.0, f"ema_rate must be in [0, 1), got {self.ema_rate!r}")
         need(self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps!r}")
+        self.lr_milestones = tuple(self.lr_milestones)  # a list when read back from JSON
+        need(all(isinstance(m, int) and m >= 1 for m in self.lr_milestones) and
+             list(self.lr_milestones) == sorted(set(self.lr_milestones)),
+             f"lr_milestones must be increasing positive step numbers, got {self.lr_milestones!r}")
+        need(0 < self.lr_gamma <= 1 and math.isfinite(self.lr_gamma),
+             f"lr_gamma must be in (0, 1], got {self.lr_gamma!r}")
         need(self.grad_clip >= 0, f"grad_clip must be >= 0 (0 disables), got {self.grad_clip!r}")
         need(0.0 <= self.p_uncond < 1.0, f"p_uncond must be in [0, 1), got {self.p_uncond!r}")
         need(self.guidance_scale is None or (math.isfinite(self.guidance_scale) and self.guidance_scale >= 0),
@@ -173,9 +181,11 @@ def _mix(*values: int) -> int:
 
 
 def lr_at(config: TrainConfig, step: int) -> float:
+    """Linear warm-up to config.lr, times lr_gamma for every milestone step already reached."""
+    lr = config.lr * config.lr_gamma ** sum(step >= m for m in config.lr_milestones)
     if config.warmup_steps <= 0:
-        return config.lr
-    return config.lr * min(1.0, (step + 1) / config.warmup_steps)
+        return lr
+    return lr * min(1.0, (step + 1) / config.warmup_steps)
 
 
 # --------------------------------------------------------------------------- atomic files

@@ -212,3 +212,26 @@ def test_ddp_two_cpu_ranks_keep_identical_weights(tmp_path):
     torch.manual_seed(0)
     fresh = UNet.preset("tiny", dropout=0.1, learn_sigma=True).state_dict()
     assert any(not torch.equal(r0[f"model.{k}"], v) for k, v in fresh.items())
+
+
+def test_lr_milestones_multiply_the_rate_after_warmup():
+    from fastdiff.train import lr_at
+    config = TrainConfig(lr=1e-3, warmup_steps=4, lr_milestones=[10, 20], lr_gamma=0.5).validate()
+    assert config.lr_milestones == (10, 20)  # a JSON list comes back as the tuple
+    got = [lr_at(config, s) for s in (0, 3, 9, 10, 19, 20, 99)]
+    np.testing.assert_allclose(got, [2.5e-4, 1e-3, 1e-3, 5e-4, 5e-4, 2.5e-4, 2.5e-4])
+    for bad, needle in (([0], "lr_milestones must be increasing positive"), ([5, 3], "lr_milestones"),
+                        ([2, 2], "lr_milestones")):
+        with pytest.raises(ValueError, match=needle):
+            TrainConfig(lr_milestones=bad).validate()
+    with pytest.raises(ValueError, match="lr_gamma must be in"):
+        TrainConfig(lr_gamma=0.0).validate()
+
+
+def test_a_milestone_run_logs_the_dropped_rate(tmp_path):
+    r = train(TrainConfig(out=str(tmp_path), steps=4, lr=1e-3, warmup_steps=0, lr_milestones=(2,), lr_gamma=0.1,
+                          log_every=1, sample_at_end=False, **{k: v for k, v in FAST.items() if k != "warmup_steps"}))
+    assert r.step == 4
+    logged = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    rates = {e["step"]: e["lr"] for e in logged if "lr" in e}
+    assert rates[0] == rates[1] == pytest.approx(1e-3) and rates[2] == rates[3] == pytest.approx(1e-4)
