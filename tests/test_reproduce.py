@@ -23,7 +23,7 @@ pytest.importorskip("matplotlib")
 def test_quick_run_writes_the_report_and_a_rerun_resumes(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     t0 = time.time()
-    assert main(["reproduce", "--quick", "--out", "rq", "--threads", "2", "--no-progress"]) == 0
+    assert main(["reproduce", "--quick", "--out", "rq", "--threads", "1", "--no-progress"]) == 0
     first = time.time() - t0
     assert "report written to" in capsys.readouterr().out
     out = tmp_path / "rq"
@@ -48,7 +48,7 @@ def test_quick_run_writes_the_report_and_a_rerun_resumes(tmp_path, monkeypatch, 
     ckpts = {p: p.stat().st_mtime_ns for p in (out / "models").rglob("checkpoint.json")}
     assert len(ckpts) == 4
     t0 = time.time()
-    assert main(["reproduce", "--quick", "--out", "rq", "--threads", "2", "--no-progress", "--only", "1"]) == 0
+    assert main(["reproduce", "--quick", "--out", "rq", "--threads", "1", "--no-progress", "--only", "1"]) == 0
     assert time.time() - t0 < max(20.0, first / 3)
     assert {p: p.stat().st_mtime_ns for p in ckpts} == ckpts
     report = (out / "REPORT.md").read_text()
