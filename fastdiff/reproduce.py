@@ -522,6 +522,11 @@ def _plt():
     return plt
 
 
+def _mathtext(label: str) -> str:
+    """β̃ (a combining tilde, which fonts draw poorly) as matplotlib mathtext."""
+    return label.replace("β̃", r"$\tilde{\beta}$")
+
+
 def _save(fig, run: Run, name: str) -> str:
     fig.tight_layout()
     fig.savefig(run.out / name, dpi=110)
@@ -543,7 +548,7 @@ def _sample_strip(run: Run, entries: Sequence[Tuple[str, np.ndarray]], name: str
         ax.imshow(strip, interpolation="nearest")
         ax.set_xticks([])
         ax.set_yticks([])
-        ax.set_ylabel(label, rotation=0, ha="right", va="center", fontsize=8)
+        ax.set_ylabel(_mathtext(label), rotation=0, ha="right", va="center", fontsize=8)
     return _save(fig, run, name)
 
 
@@ -933,13 +938,13 @@ def experiment_4(run: Run) -> Section:
         ys = [res[(label, S)]["fid"] for S in s.respace_steps]
         lo = [res[(label, S)]["fid"] - res[(label, S)]["ci"][0] for S in s.respace_steps]
         hi = [res[(label, S)]["ci"][1] - res[(label, S)]["fid"] for S in s.respace_steps]
-        ax.errorbar(s.respace_steps, ys, yerr=[lo, hi], marker="o", capsize=3, label=label)
+        ax.errorbar(s.respace_steps, ys, yerr=[lo, hi], marker="o", capsize=3, label=_mathtext(label))
     ax.axhline(floor["fid"], color="gray", ls=":", label="real images (floor)")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("sampling steps S (respaced)")
     ax.set_ylabel("FID-like (95% normal bootstrap CI)")
-    ax.set_title("Ancestral sampling vs steps (cf. Nichol & Dhariwal Fig. 8)")
+    ax.set_title("Ancestral sampling vs steps (cf. Nichol & Dhariwal, FID vs steps)")
     ax.legend(fontsize=7)
     fig1 = _save(fig, run, "exp4_respacing.png")
     short_labels = ["simple, σ²=β̃", "simple, σ²=β", "hybrid, learned", "vlb, learned"]
@@ -962,12 +967,12 @@ def experiment_4(run: Run) -> Section:
                      f"of the learned one {_fmt_ci(*degr[configs[2][0]], digits=2)})")
     verdict = "; ".join(parts) + "."
     if vs["β̃"] != "agrees":
-        verdict += (" Why the fixed β̃ does not degrade here: β̃ is the exact reverse variance when x_0 is "
-                    "determined by x_t, β when x_0 is Gaussian noise (Ho et al. 2020, §3.2, give these two extremes); "
-                    "flat-coloured 16x16 shapes are a low-entropy law whose x_0 is almost determined by a noisy "
-                    "image even with few, large steps, so β̃ stays close to the best variance and there is little "
-                    "for a learned one to win. On natural images (the paper's) the best few-step variance lies well "
-                    "between the two.")
+        verdict += (" Why the fixed β̃ does not degrade here: β̃ is the optimal reverse variance for data that "
+                    "is a single point, β for data distributed as N(0, I) (Ho et al. 2020, §3.2, give these two "
+                    "extremes); flat-coloured 16x16 shapes are a low-entropy law, nearer the first extreme — a noisy "
+                    "image almost determines its x_0 even after few, large steps — so β̃ stays close to the best "
+                    "variance and there is little for a learned one to win. On natural images (the paper's) the best "
+                    "few-step variance lies well between the two.")
     if vs["β"] != "agrees":
         verdict += (f" Against σ² = β it does not agree here; likely because the learned variance is still poorly "
                     f"trained after {s.train_steps} steps (its VLB gradient is scaled by λ = 0.001).")
@@ -1041,13 +1046,17 @@ def experiment_5(run: Run) -> Section:
     rows.append(["exact samples (noise floor)"] + [_fmt_ci(*ex, digits=3)] + [""] * (len(s.oracle_steps) - 1))
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    # a log axis: values and interval ends at or below 0 are drawn at the axis' floor
+    positive = [v[0] for v in iv.values() if v[0] > 0] + ([ex[2]] if ex[2] > 0 else [])
+    floor_y = min(positive) / 10 if positive else 1e-6
     for label in samplers:
         m = np.array([iv[(label, S)][0] for S in s.oracle_steps])
         lo = np.array([iv[(label, S)][1] for S in s.oracle_steps])
         hi = np.array([iv[(label, S)][2] for S in s.oracle_steps])
-        ax.plot(s.oracle_steps, np.maximum(m, 1e-6), marker="o", label=label)
-        ax.fill_between(s.oracle_steps, np.maximum(lo, 1e-6), np.maximum(hi, 1e-6), alpha=0.2)
-    ax.axhspan(1e-6, max(ex[2], 1e-6), color="gray", alpha=0.2, label="exact samples: 95% CI upper end")
+        ax.plot(s.oracle_steps, np.maximum(m, floor_y), marker="o", label=_mathtext(label))
+        ax.fill_between(s.oracle_steps, np.maximum(lo, floor_y), np.maximum(hi, floor_y), alpha=0.2)
+    ax.axhspan(floor_y, max(ex[2], floor_y), color="gray", alpha=0.2, label="exact samples: below their 95% CI's upper end")
+    ax.set_ylim(bottom=floor_y)
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("sampling steps S")
