@@ -274,11 +274,6 @@ def cmd_eval_bpd(a: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------- demo
-#: The demo's network: between the "tiny" and "small" presets, sized so that a few minutes of
-#: 2-core CPU training give recognisable shapes.
-DEMO_MODEL = dict(model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, attention_resolutions=(8,),
-                  num_groups=8, dropout=0.0)
-
 
 def run_demo(out: str = "fastdiff-demo", minutes: float = 9.0, preset: Optional[str] = None, batch_size: int = 32,
              n: int = 100, seed: int = 0, lr: float = 2e-3, dataset_size: int = 10000, fp32: bool = False,
@@ -311,10 +306,10 @@ def run_demo(out: str = "fastdiff-demo", minutes: float = 9.0, preset: Optional[
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     ddim_steps = 50
-    config = TrainConfig(data="shapes", out=str(out_dir), steps=10 ** 7, preset=preset or "tiny", batch_size=batch_size,
+    config = TrainConfig(data="shapes", out=str(out_dir), steps=10 ** 7, preset=preset or "demo", batch_size=batch_size,
                          seed=seed, lr=lr, warmup_steps=100, ema_rate=0.999, class_cond=True, p_uncond=0.1,
                          image_size=image_size, prediction="v", schedule="cosine",
-                         dataset_size=dataset_size, save_every=250, sample_at_end=False, model={} if preset else DEMO_MODEL,
+                         dataset_size=dataset_size, save_every=250, sample_at_end=False, model={},
                          log_every=10, bf16=not fp32, channels_last=not fp32)
     # Budget: measure one sampling forward pass, keep 50 of them (x1.5) plus a margin for sampling.
     probe = UNet.preset(config.preset, num_classes=10, diffusion=build_diffusion(config), image_size=image_size,
@@ -534,7 +529,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="fastdiff-demo", help="output folder (default: fastdiff-demo)")
     p.add_argument("--minutes", type=_positive_float, default=9.0,
                    help="total wall-clock budget, sampling included (default: 9)")
-    p.add_argument("--preset", default=None, help="U-Net preset (default: the demo's own configuration)")
+    p.add_argument("--preset", default=None, help="U-Net preset (default: demo)")
     p.add_argument("--batch-size", type=_positive_int, default=32)
     p.add_argument("--n", type=_positive_int, default=100, help="samples in the grid (default: 100)")
     p.add_argument("--seed", type=int, default=0)

@@ -522,8 +522,10 @@ def train(config: TrainConfig) -> TrainResult:
             _log(f"--resume: no checkpoint in {out}; starting from scratch", rank)
         else:
             saved = config_from_dict(record["config"])
-            differs = [f.name for f in dataclasses.fields(TrainConfig)
-                       if f.name not in RESUMABLE_OVERRIDES and getattr(saved, f.name) != getattr(config, f.name)]
+            def as_saved(v):  # tuples come back from JSON as lists
+                return json.loads(json.dumps(v))
+            differs = [f.name for f in dataclasses.fields(TrainConfig) if f.name not in RESUMABLE_OVERRIDES
+                       and as_saved(getattr(saved, f.name)) != as_saved(getattr(config, f.name))]
             if differs:
                 _log(f"resuming with the checkpoint's settings for {', '.join(differs)}", rank)
             for name in RESUMABLE_OVERRIDES:

@@ -64,7 +64,11 @@ PRESETS: Dict[str, Dict[str, Any]] = {
     # A few hundred thousand parameters: tests and quick CPU runs.
     "tiny": dict(image_size=32, in_channels=3, model_channels=16, channel_mult=(1, 2, 2),
                  num_res_blocks=1, attention_resolutions=(8,), dropout=0.0, num_groups=8),
-    # A couple of million parameters: the CPU demo.
+    # 1.1M parameters at 16x16, between "tiny" and "small": `fastdiff demo` (recognisable
+    # shapes after minutes of 2-core CPU training) and tests/data/shapes16-cfg.safetensors.
+    "demo": dict(image_size=16, in_channels=3, model_channels=32, channel_mult=(1, 2, 2),
+                 num_res_blocks=1, attention_resolutions=(8,), dropout=0.0, num_groups=8),
+    # A couple of million parameters.
     "small": dict(image_size=32, in_channels=3, model_channels=64, channel_mult=(1, 2, 2),
                   num_res_blocks=2, attention_resolutions=(8,), dropout=0.1, num_groups=16),
 }
