@@ -204,7 +204,7 @@ def cmd_sample(a: argparse.Namespace) -> int:
     png, npz = (out, out.with_suffix(".npz")) if out.suffix.lower() != ".npz" else (out.with_suffix(".png"), out)
     if png.suffix.lower() != ".png":
         png = png.with_suffix(png.suffix + ".png")
-    save_image_grid(x, png, nrow=nrow, scale=2)
+    save_image_grid(x, png, nrow=nrow, scale=a.scale)
     arrays = {"images": to_uint8(x).permute(0, 2, 3, 1).numpy()}
     if labels is not None:
         arrays["labels"] = labels.numpy()
@@ -461,6 +461,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-ema", action="store_true", help="use the raw weights, not the EMA")
     p.add_argument("--class", "--label", dest="label", type=int, default=None,
                    help="class of every sample (default: cycle through the classes)")
+    p.add_argument("--scale", type=_positive_int, default=2, help="pixel magnification of the PNG grid (default: 2)")
     p.add_argument("--per-class", type=_positive_int, default=None, metavar="K",
                    help="K samples of every class, one row per class (instead of --n)")
     p.add_argument("--guidance-scale", type=_nonneg_float, default=None,
