@@ -501,7 +501,8 @@ def write_samples(model: UNet, path: Path, n: int, steps: int, seed: int = 0,
     y = None
     if model.num_classes:
         y = torch.arange(n, device=next(model.parameters()).device) % model.num_classes
-    x = sample(model, n=n, steps=steps, eta=0.0, seed=seed, y=y, guidance_scale=guidance_scale if y is not None else 0.0)
+    x = sample(model, n=n, steps=steps, eta=0.0, seed=seed, y=y,
+               guidance_scale=guidance_scale if y is not None else 0.0)
     save_image_grid(x, path, nrow=int(math.ceil(math.sqrt(n))), scale=2)
     return x
 
@@ -529,6 +530,8 @@ def train(config: TrainConfig) -> TrainResult:
             if differs:
                 _log(f"resuming with the checkpoint's settings for {', '.join(differs)}", rank)
             for name in RESUMABLE_OVERRIDES:
+                if name == "guidance_scale" and config.guidance_scale is None:
+                    continue  # not given: the recorded default stays
                 setattr(saved, name, getattr(config, name))
             config = saved.validate()
             start_step = int(record["step"])

@@ -92,6 +92,16 @@ def test_default_guidance_scale_rules():
         TrainConfig(guidance_scale=-1.0).validate()
 
 
+def test_resume_keeps_a_recorded_scale_unless_told(runs, tmp_path):
+    import shutil
+    run = tmp_path / "run"
+    shutil.copytree(runs / "cond-w1.5", run)
+    train(TrainConfig(out=str(run), class_cond=True, resume=True, **{**FAST, "steps": 3}))
+    assert load_checkpoint(run)[0].default_guidance_scale == 1.5
+    train(TrainConfig(out=str(run), class_cond=True, resume=True, guidance_scale=0.5, **{**FAST, "steps": 4}))
+    assert load_checkpoint(run)[0].default_guidance_scale == 0.5
+
+
 def test_sample_uses_the_models_default_scale(runs, tmp_path):
     """guidance_scale=None means the model's recorded w; an explicit w overrides it; an
     exported file carries the same default."""
