@@ -534,6 +534,27 @@ def _save(fig, run: Run, name: str) -> str:
     return name
 
 
+def _fid_vs_steps(run: Run, steps: Sequence[int], series: Sequence[Tuple[str, Sequence[dict]]], floor: dict,
+                  xlabel: str, title: str, name: str, legend_size: int = 8) -> str:
+    """FID-like (with its interval) against sampling steps, one line per (label, cells) series
+    whose cells hold 'fid' and 'ci', log-log, the real-image floor dotted."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for label, cells in series:
+        ys = [c["fid"] for c in cells]
+        lo = [c["fid"] - c["ci"][0] for c in cells]
+        hi = [c["ci"][1] - c["fid"] for c in cells]
+        ax.errorbar(steps, ys, yerr=[lo, hi], marker="o", capsize=3, label=label)
+    ax.axhline(floor["fid"], color="gray", ls=":", label="real images (floor)")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("FID-like (95% normal bootstrap CI)")
+    ax.set_title(title)
+    ax.legend(fontsize=legend_size)
+    return _save(fig, run, name)
+
+
 def _sample_strip(run: Run, entries: Sequence[Tuple[str, np.ndarray]], name: str, per_row: int = 16) -> str:
     """One row of per_row samples per entry (label, uint8 images (N, C, H, W))."""
     plt = _plt()
@@ -801,21 +822,9 @@ def experiment_3(run: Run) -> Section:
             cell = f"{c['fid']:.2f} [{c['ci'][0]:.2f}, {c['ci'][1]:.2f}]"
             row.append(f"**{cell}**" if best[S] == eta else cell)
         rows.append(row)
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    for eta in s.ddim_etas:
-        ys = [cells[(eta, S)]["fid"] for S in s.ddim_steps]
-        lo = [cells[(eta, S)]["fid"] - cells[(eta, S)]["ci"][0] for S in s.ddim_steps]
-        hi = [cells[(eta, S)]["ci"][1] - cells[(eta, S)]["fid"] for S in s.ddim_steps]
-        ax.errorbar(s.ddim_steps, ys, yerr=[lo, hi], marker="o", capsize=3, label=_eta_label(eta))
-    ax.axhline(floor["fid"], color="gray", ls=":", label="real images (floor)")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("sampling steps S")
-    ax.set_ylabel("FID-like (95% normal bootstrap CI)")
-    ax.set_title("DDIM: FID-like vs steps (cf. Song et al. Table 1 / Fig. 3)")
-    ax.legend(fontsize=8)
-    fig1 = _save(fig, run, "exp3_ddim.png")
+    fig1 = _fid_vs_steps(run, s.ddim_steps, [(_eta_label(eta), [cells[(eta, S)] for S in s.ddim_steps])
+                                             for eta in s.ddim_etas], floor, "sampling steps S",
+                         "DDIM: FID-like vs steps (cf. Song et al. Table 1 / Fig. 3)", "exp3_ddim.png")
     small, large = min(s.ddim_steps), max(s.ddim_steps)
     strips = [(f"{_eta_label(e)}, S={S}", run.samples_fid(*_ddim_args(model, e, S))[1]["images"])
               for S in (small, large) for e in (0.0, 1.0, SIGMA_HAT)]
@@ -932,21 +941,10 @@ def experiment_4(run: Run) -> Section:
     # learned (hybrid) vs fixed beta-tilde at the smallest S, paired (same initial noise)
     hyb_vs_fixed = run.fid_difference(args(configs[2][1], small), args(configs[0][1], small))
     hyb_vs_large = run.fid_difference(args(configs[2][1], small), args(configs[1][1], small))
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    for label, _ in configs:
-        ys = [res[(label, S)]["fid"] for S in s.respace_steps]
-        lo = [res[(label, S)]["fid"] - res[(label, S)]["ci"][0] for S in s.respace_steps]
-        hi = [res[(label, S)]["ci"][1] - res[(label, S)]["fid"] for S in s.respace_steps]
-        ax.errorbar(s.respace_steps, ys, yerr=[lo, hi], marker="o", capsize=3, label=_mathtext(label))
-    ax.axhline(floor["fid"], color="gray", ls=":", label="real images (floor)")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("sampling steps S (respaced)")
-    ax.set_ylabel("FID-like (95% normal bootstrap CI)")
-    ax.set_title("Ancestral sampling vs steps (cf. Nichol & Dhariwal, FID vs steps)")
-    ax.legend(fontsize=7)
-    fig1 = _save(fig, run, "exp4_respacing.png")
+    fig1 = _fid_vs_steps(run, s.respace_steps, [(_mathtext(label), [res[(label, S)] for S in s.respace_steps])
+                                                for label, _ in configs], floor, "sampling steps S (respaced)",
+                         "Ancestral sampling vs steps (cf. Nichol & Dhariwal, FID vs steps)", "exp4_respacing.png",
+                         legend_size=7)
     short_labels = ["simple, σ²=β̃", "simple, σ²=β", "hybrid, learned", "vlb, learned"]
     strips = [(f"{short}, S={small}", run.samples_fid(*args(cfg, small))[1]["images"])
               for short, (_, cfg) in zip(short_labels, configs)]
