@@ -192,9 +192,7 @@ def cmd_sample(a: argparse.Namespace) -> int:
         labels = torch.arange(n) % num_classes
     if a.guidance_scale and not model.num_classes:
         raise UserError("--guidance-scale needs a class-conditional model (trained with labels)")
-    w = a.guidance_scale
-    if w is None:
-        w = model.default_guidance_scale if model.num_classes else 0.0
+    w = model.default_guidance_scale if a.guidance_scale is None else a.guidance_scale  # 0 if unconditional
     t0 = time.time()
     x = fastdiff.sample(model, n=n, steps=a.steps, eta=a.eta, seed=a.seed, sampler=a.sampler,
                         progress=not a.no_progress, y=labels, guidance_scale=w,

@@ -151,24 +151,19 @@ def normal_bootstrap_interval(point: float, replicates, confidence: float = 0.95
     return point - half, point + half
 
 
-def _gaussian(f: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
-    return f.mean(0), np.cov(f, rowvar=False)
-
-
 def bootstrap_fid(gen: np.ndarray, ref: np.ndarray, reps: int, seed: int = 0,
                   other: Optional[np.ndarray] = None) -> Tuple[float, float, float]:
     """(FID, low, high) with a 95% normal bootstrap interval (resampling both the generated
     and the reference features). With `other` (generated from the same initial
     noise, row for row), the statistic is FID(gen) - FID(other), resampled pairwise."""
-    from fastdiff.evaluation import frechet_distance
+    from fastdiff.evaluation import fid_from_features
 
     rng = np.random.default_rng(seed)
 
     def stat(ig, ir):
-        r = _gaussian(ref[ir])
-        value = frechet_distance(*_gaussian(gen[ig]), *r)
+        value = fid_from_features(gen[ig], ref[ir])
         if other is not None:
-            value -= frechet_distance(*_gaussian(other[ig]), *r)
+            value -= fid_from_features(other[ig], ref[ir])
         return value
 
     point = stat(np.arange(len(gen)), np.arange(len(ref)))
