@@ -20,13 +20,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from fastdiff.errors import InputError
+
 SHAPE_CLASSES = ("circle", "square", "triangle", "plus", "ring", "stripes", "diamond", "x-cross", "frame",
                  "crescent")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
 CIFAR_RECORD = 1 + 3 * 32 * 32
 
 
-class DatasetError(ValueError):
+class DatasetError(InputError):
     """A dataset that cannot be read; the message names the file."""
 
 

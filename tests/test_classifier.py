@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from fastdiff import GaussianDiffusion, NoiseSchedule
-from fastdiff.classifier_training import ClassifierConfig, load_classifier, train_classifier
-from fastdiff.guidance import classifier_log_prob_grad
+from fastdiff.train.classifier import ClassifierConfig, load_classifier, train_classifier
+from fastdiff.sampling.guidance import classifier_log_prob_grad
 from fastdiff.models.classifier import NoisyClassifier
 
 

@@ -1,4 +1,4 @@
-"""The table-driven step op and the static-buffer / CUDA-graph sampling loop (fastdiff/cuda_graphs.py).
+"""The table-driven step op and the static-buffer / CUDA-graph sampling loop (fastdiff/sampling/cuda_graphs.py).
 
 On CPU the loop runs without capture (the same Python logic the graph replays); with
 FASTDIFF_TEST_DEVICE=cuda on a GPU machine the real capture is tested too.
@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import fastdiff
-from fastdiff import cuda_graphs, ops
+from fastdiff import ops
+from fastdiff.sampling import cuda_graphs
 from fastdiff.ops import StepCoefficients
 from fastdiff.ops._backend import native_lib, triton_available
 from fastdiff.ops.sampler_step import coefficient_table, sampler_step_table

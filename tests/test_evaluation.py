@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-import fastdiff.evaluation as ev
-from fastdiff.evaluation import (FeatureStats, FIDInceptionV3, InceptionV3Features, ShapesCNN, ShapesFeatures,
-                                 fid_from_features, frechet_distance, kid, load_shapes_features, precision_recall,
-                                 train_shapes_features)
+import fastdiff.metrics.features as feat_mod
+import fastdiff.metrics.fid as fid_mod
+from fastdiff.metrics import (FeatureStats, FIDInceptionV3, InceptionV3Features, ShapesCNN, ShapesFeatures,
+                              fid_from_features, frechet_distance, kid, load_shapes_features, precision_recall)
+from fastdiff.train.features import train_shapes_features
 
 METHODS = ("eigh", "sqrtm")
 
@@ -132,14 +133,15 @@ def test_fd_rank_deficient_finite_and_correct(method):
 
 def test_fd_offset_applied_when_root_not_finite(monkeypatch):
     """A non-finite square root triggers exactly one retry with eps·I added to both covariances."""
-    real = ev.scipy.linalg.sqrtm
+    import scipy.linalg
+    real = scipy.linalg.sqrtm
     seen = []
 
     def flaky_sqrtm(a):
         seen.append(a.copy())
         return np.full_like(a, np.nan) if len(seen) == 1 else real(a)
 
-    monkeypatch.setattr(ev.scipy.linalg, "sqrtm", flaky_sqrtm)
+    monkeypatch.setattr(scipy.linalg, "sqrtm", flaky_sqrtm)
     a, b = np.array([1.0, 0.0, 2.0]), np.array([0.0, 0.0, 3.0])
     eps = 1e-4
     got = frechet_distance(np.zeros(3), np.diag(a), np.ones(3), np.diag(b), eps=eps, method="sqrtm")
@@ -151,7 +153,7 @@ def test_fd_offset_applied_when_root_not_finite(monkeypatch):
 
 
 def test_fd_offset_for_eigh_route(monkeypatch):
-    real = ev._trace_sqrt_product_eigh
+    real = fid_mod._trace_sqrt_product_eigh
     calls = []
 
     def flaky(s1, s2):
@@ -160,7 +162,7 @@ def test_fd_offset_for_eigh_route(monkeypatch):
             raise np.linalg.LinAlgError("Eigenvalues did not converge")
         return real(s1, s2)
 
-    monkeypatch.setattr(ev, "_trace_sqrt_product_eigh", flaky)
+    monkeypatch.setattr(fid_mod, "_trace_sqrt_product_eigh", flaky)
     s = np.diag([1.0, 0.0])
     got = frechet_distance(np.zeros(2), s, np.zeros(2), s, eps=1e-6)
     assert len(calls) == 2
@@ -334,7 +336,7 @@ def test_precision_recall_hand_computed():
 def test_inception_pools():
     # count_include_pad=False: a constant image stays constant at the borders
     ones = torch.ones(1, 1, 5, 5)
-    assert torch.equal(ev._avg_pool_3x3(ones), ones)
+    assert torch.equal(feat_mod._avg_pool_3x3(ones), ones)
     net = FIDInceptionV3()
     assert net.Mixed_7b.pool == "avg" and net.Mixed_7c.pool == "max"
     bns = [m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
@@ -395,7 +397,7 @@ def test_shapes_features_train_save_reload(tmp_path):
     a = train_shapes_features(tmp_path / "a", seed=3, **kw)
     b = train_shapes_features(tmp_path / "b", seed=3, **kw)
     c = train_shapes_features(tmp_path / "c", seed=4, **kw)
-    record = json.loads((a / ev.SHAPES_RECORD).read_text())
+    record = json.loads((a / feat_mod.SHAPES_RECORD).read_text())
     assert record["steps"] == 3 and record["seed"] == 3 and 0 <= record["held_out_accuracy"] <= 1
     fa, fb, fc = (load_shapes_features(p) for p in (a, b, c))
     assert isinstance(fa, ShapesFeatures) and fa.dim == record["feature_dim"]
@@ -405,7 +407,7 @@ def test_shapes_features_train_save_reload(tmp_path):
     assert torch.equal(feats, fb(x))            # deterministic by seed, and the reload is exact
     assert not torch.equal(feats, fc(x))        # ... and the seed matters
     assert not torch.equal(feats, ShapesFeatures(ShapesCNN())(x))  # weights really were loaded
-    assert torch.equal(load_shapes_features(a / ev.SHAPES_RECORD)(x), feats)
+    assert torch.equal(load_shapes_features(a / feat_mod.SHAPES_RECORD)(x), feats)
     # other sizes and grey images go through the same features
     assert fa(torch.zeros(2, 1, 48, 48)).shape == (2, fa.dim)
     small = load_shapes_features(train_shapes_features(tmp_path / "d", seed=3, image_size=16, **kw))
@@ -414,20 +416,15 @@ def test_shapes_features_train_save_reload(tmp_path):
         train_shapes_features(tmp_path / "e", image_size=8, **kw)
     with pytest.raises(FileNotFoundError, match="nowhere"):
         load_shapes_features(tmp_path / "nowhere")
-    (tmp_path / "a" / ev.SHAPES_WEIGHTS).unlink()
-    with pytest.raises(FileNotFoundError, match=ev.SHAPES_WEIGHTS):
+    (tmp_path / "a" / feat_mod.SHAPES_WEIGHTS).unlink()
+    with pytest.raises(FileNotFoundError, match=feat_mod.SHAPES_WEIGHTS):
         load_shapes_features(a)
 
 
 # --------------------------------------------------------------------------- command line
 def _parser():
-    from fastdiff.evaluation_cli import add_fid_parser, add_train_features_parser
-    parser = argparse.ArgumentParser(prog="fastdiff")
-    sub = parser.add_subparsers(dest="command")
-    add_train_features_parser(sub)
-    e = sub.add_parser("eval")
-    add_fid_parser(e.add_subparsers(dest="metric"))
-    return parser
+    from fastdiff.cli import build_parser
+    return build_parser()
 
 
 def test_cli_eval_fid_on_npz(tmp_path, capsys):
@@ -466,13 +463,13 @@ def test_cli_eval_fid_on_npz(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "training the shapes feature network" in printed
     cache = tmp_path / "fid-cache" / "shapes-features-32px-steps2-seed0"
-    assert (cache / ev.SHAPES_RECORD).is_file()
+    assert (cache / feat_mod.SHAPES_RECORD).is_file()
     assert parser.parse_args(argv).func(parser.parse_args(argv)) == 0
     assert "using the cached" in capsys.readouterr().out
 
 
 def test_cli_eval_fid_errors(tmp_path):
-    from fastdiff.cli import UserError
+    from fastdiff.errors import UserError
     parser = _parser()
     npz = tmp_path / "s.npz"
     np.savez(npz, images=np.zeros((4, 32, 32, 3), np.uint8))
@@ -490,39 +487,64 @@ def test_cli_eval_fid_errors(tmp_path):
         parser.parse_args(["eval", "fid", str(npz), "--data", "shapes", "--features", "clip"])
 
 
-def test_cli_eval_fid_on_run_folder(tmp_path, capsys, monkeypatch):
-    """A run folder is sampled in batches, each with its own seed, labels balanced across
-    batches. (load_checkpoint is replaced by an untrained tiny U-Net: training one here
-    would cost more than the rest of this file; the CLI tests cover train/load.)"""
+def _tiny_class_model(w):
     import fastdiff
-    import fastdiff.train
     from fastdiff.models.unet import PRESETS
-    torch.set_num_threads(2)
     diffusion = fastdiff.GaussianDiffusion(fastdiff.NoiseSchedule.linear(T=20))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = fastdiff.UNet(**PRESETS["tiny"], num_classes=3, diffusion=diffusion).eval()
+        for p in model.parameters():  # not the zero inits: the label and guidance must show
+            torch.nn.init.normal_(p, std=0.1)
+    model.default_guidance_scale = w
+    return model
+
+
+def test_cli_eval_fid_samples_what_fastdiff_sample_draws(tmp_path, capsys, monkeypatch):
+    """A run folder is sampled exactly as `fastdiff sample` samples it: the same labels, the
+    model's default guidance scale and the same noise, whatever --batch-size (it used to sample
+    without guidance and with a seed per batch). The loader is replaced by an untrained tiny
+    class-conditional U-Net (training one here would cost more than the rest of this file)."""
+    import fastdiff.cli.eval
+    import fastdiff.cli.sample
+    torch.set_num_threads(2)
+    model = _tiny_class_model(w=2.0)
     run = tmp_path / "run"
     run.mkdir()
-    monkeypatch.setattr(fastdiff.train, "load_checkpoint", lambda out, ema=True: (model, {"step": 7}))
-    calls = []
-    real_sample = fastdiff.sample
+    monkeypatch.setattr(fastdiff.cli.sample, "load_for_sampling", lambda src, no_ema=False: (model, "step 7"))
+    monkeypatch.setattr(fastdiff.cli.eval, "load_for_sampling", lambda src, no_ema=False: (model, "step 7"))
+    seen = []
+    real_features = fastdiff.cli.eval._features
 
-    def recording_sample(model, **kw):
-        calls.append((kw["n"], kw["seed"], kw["model_kwargs"]["y"].tolist()))
-        return real_sample(model, **kw)
+    def recording_features(extractor, dataset, n, batch_size):
+        seen.append(dataset.images[:n].clone())
+        return real_features(extractor, dataset, n, batch_size)
 
-    monkeypatch.setattr(fastdiff, "sample", recording_sample)
+    monkeypatch.setattr(fastdiff.cli.eval, "_features", recording_features)
     parser = _parser()
     out_json = tmp_path / "fid.json"
-    args = parser.parse_args(["eval", "fid", str(run), "--data", "shapes", "--n", "5", "--steps", "2",
-                              "--batch-size", "3", "--features-steps", "1", "--features-dataset-size", "16",
-                              "--json", str(out_json), "--no-progress"])
-    assert args.func(args) == 0
+    generated = []
+    for batch_size in ("3", "5"):
+        seen.clear()
+        args = parser.parse_args(["eval", "fid", str(run), "--data", "shapes", "--n", "5", "--steps", "2",
+                                  "--batch-size", batch_size, "--features-steps", "1",
+                                  "--features-dataset-size", "16", "--json", str(out_json), "--no-progress"])
+        assert args.func(args) == 0
+        generated.append(seen[0])  # the first feature pass is the generated set
     printed = capsys.readouterr().out
     assert "sampling 5 images" in printed and "step 7" in printed and "FID:" in printed
-    assert [c[0] for c in calls] == [3, 2] and calls[0][1] != calls[1][1]
-    assert calls[0][2] + calls[1][2] == [0, 1, 2, 0, 1]
+    assert torch.equal(generated[0], generated[1])
+    args = parser.parse_args(["sample", str(run), "--n", "5", "--steps", "2", "--out", str(tmp_path / "s.png"),
+                              "--no-progress"])
+    assert args.func(args) == 0
+    drawn = np.load(tmp_path / "s.npz")
+    assert drawn["labels"].tolist() == [0, 1, 2, 0, 1]
+    assert torch.equal(torch.from_numpy(drawn["images"]).permute(0, 3, 1, 2), generated[0])
+    # and guidance is on: unguided samples (w = 0) differ
+    args = parser.parse_args(["sample", str(run), "--n", "5", "--steps", "2", "--guidance-scale", "0",
+                              "--out", str(tmp_path / "u.png"), "--no-progress"])
+    assert args.func(args) == 0
+    assert not np.array_equal(np.load(tmp_path / "u.npz")["images"], drawn["images"])
     result = json.loads(out_json.read_text())
     assert result["n_generated"] == 5 and math.isfinite(result["fid"])
-    assert (run / "fid-cache" / "shapes-features-32px-steps1-seed0" / ev.SHAPES_RECORD).is_file()
+    assert (run / "fid-cache" / "shapes-features-32px-steps1-seed0" / feat_mod.SHAPES_RECORD).is_file()

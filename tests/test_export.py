@@ -1,4 +1,4 @@
-"""Exported model files (fastdiff.train.export_model / load_model, `fastdiff export`) and the
+"""Exported model files (fastdiff.interop.export_model / load_model, `fastdiff export`) and the
 default classifier-free guidance scale a trained class-conditional model carries."""
 import json
 
@@ -8,8 +8,8 @@ from safetensors import safe_open
 
 import fastdiff
 from fastdiff.cli import main
-from fastdiff.train import (DEFAULT_GUIDANCE_SCALE, TrainConfig, export_model, load_checkpoint, load_model,
-                            train)
+from fastdiff.interop import export_model, load_model
+from fastdiff.train import DEFAULT_GUIDANCE_SCALE, TrainConfig, load_checkpoint, train
 
 FAST = dict(data="shapes", dataset_size=16, batch_size=4, preset="tiny", progress=False, sample_at_end=False,
             T=20, warmup_steps=1, image_size=16, steps=2, sample_steps=2)
@@ -62,7 +62,7 @@ def test_half_precision_export_is_smaller_and_close(runs, tmp_path):
 
 
 def test_load_model_reads_a_run_folder_too(runs):
-    model, info = fastdiff.load_model(runs / "cond")  # the top-level name is fastdiff.train.load_model
+    model, info = fastdiff.load_model(runs / "cond")  # the top-level name is fastdiff.interop.load_model
     assert info["step"] == 2 and model.default_guidance_scale == DEFAULT_GUIDANCE_SCALE
 
 

@@ -20,9 +20,10 @@ from PIL import Image
 
 import fastdiff
 from fastdiff.data import SHAPE_CLASSES
-from fastdiff.evaluation import load_shapes_features, train_shapes_features
+from fastdiff.metrics import load_shapes_features
+from fastdiff.train.features import train_shapes_features
 from fastdiff.image_utils import save_image_grid
-from fastdiff.train import load_model
+from fastdiff.interop import load_model
 
 MODEL = Path(__file__).parent / "data" / "shapes16-cfg.safetensors"
 PER_CLASS = 20

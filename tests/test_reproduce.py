@@ -11,8 +11,8 @@ from PIL import Image
 from scipy import stats
 
 from fastdiff.cli import main
-from fastdiff.evaluation import fid_from_features
-from fastdiff.reproduce import (EXPERIMENTS, QUICK, Run, bootstrap_fid, mmd2_to_mixture, normal_bootstrap_interval,
+from fastdiff.metrics import fid_from_features
+from fastdiff.experiments.reproduce import (EXPERIMENTS, QUICK, Run, bootstrap_fid, mmd2_to_mixture, normal_bootstrap_interval,
                                 t_interval)
 from fastdiff.testing import GaussianMixture
 
@@ -91,7 +91,7 @@ def test_without_matplotlib_it_says_how_to_install_it(tmp_path, monkeypatch, cap
     err = capsys.readouterr().err
     assert 'pip install "fastdiff[report]"' in err and "Traceback" not in err
     assert not (tmp_path / "o").exists()  # it failed before doing any work
-    from fastdiff.reproduce import reproduce
+    from fastdiff.experiments.reproduce import reproduce
     with pytest.raises(ImportError, match=r"fastdiff\[report\]"):
         reproduce(tmp_path / "o2", quick=True, progress=False)
 

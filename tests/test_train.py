@@ -13,8 +13,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fastdiff.train import (CHECKPOINT_JSON, TrainConfig, atomic_write_bytes, ema_update, load_checkpoint,
-                            read_checkpoint_record, train)
+from fastdiff.io import atomic_write_bytes
+from fastdiff.train import CHECKPOINT_JSON, TrainConfig, load_checkpoint, read_checkpoint_record, train
+from fastdiff.train.ema import ema_update
 
 # Small enough for 2 shared CPU cores: the tiny preset on 16 shapes, batch 4.
 FAST = dict(data="shapes", dataset_size=16, batch_size=4, preset="tiny", progress=False, sample_steps=2,

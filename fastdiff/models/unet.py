@@ -3,8 +3,7 @@
 class labels (with a "no label" row for classifier-free guidance).
 
 Norm+SiLU and attention go through `fastdiff.nn.GroupNormSiLU` / `fastdiff.nn.SelfAttention2d`,
-the fused-kernel modules; until fastdiff/nn.py is importable, small pure-torch equivalents
-with the same constructor signatures and parameter names stand in for them.
+the fused-kernel modules.
 """
 from __future__ import annotations
 
@@ -15,46 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-try:
-    from fastdiff.nn import GroupNormSiLU, SelfAttention2d
-except ImportError:  # fastdiff/nn.py not there yet: same signatures, pure torch
-    class GroupNormSiLU(nn.GroupNorm):
-        """GroupNorm (affine) followed by SiLU when `act`."""
-
-        def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5, affine: bool = True,
-                     act: bool = True):
-            super().__init__(num_groups, num_channels, eps=eps, affine=affine)
-            self.act = act
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            y = super().forward(x)
-            return F.silu(y) if self.act else y
-
-    class SelfAttention2d(nn.Module):
-        """The DDPM attention block: x + proj_out(attention(qkv(norm(x)))) over the H*W tokens
-        (the projections are per-position, nn.Linear on the token axis)."""
-
-        def __init__(self, channels: int, num_heads: int = 1, num_groups: int = 32,
-                     head_dim: Optional[int] = None):
-            super().__init__()
-            if head_dim is not None:
-                if channels % head_dim:
-                    raise ValueError(f"channels={channels} must be a multiple of head_dim={head_dim}")
-                num_heads = channels // head_dim
-            if channels % num_heads:
-                raise ValueError(f"channels={channels} must be a multiple of num_heads={num_heads}")
-            self.channels, self.num_heads = channels, num_heads
-            self.norm = GroupNormSiLU(num_groups, channels, act=False)
-            self.qkv = nn.Linear(channels, 3 * channels)
-            self.proj_out = nn.Linear(channels, channels)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            b, c, h, w = x.shape
-            tokens = self.norm(x).flatten(2).transpose(1, 2)  # (B, L, C)
-            qkv = self.qkv(tokens).view(b, h * w, 3, self.num_heads, c // self.num_heads)
-            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, heads, L, head_dim)
-            out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, h * w, c)
-            return x + self.proj_out(out).transpose(1, 2).reshape(b, c, h, w)
+from fastdiff.diffusion import GaussianDiffusion
+from fastdiff.nn import GroupNormSiLU, SelfAttention2d
+from fastdiff.schedule import NoiseSchedule
 
 
 PRESETS: Dict[str, Dict[str, Any]] = {
@@ -164,10 +126,12 @@ class UNet(nn.Module):
     use_scale_shift_norm: Nichol & Dhariwal's FiLM-style conditioning of the second norm.
     num_classes: class-conditional; y=None or y == num_classes means "no label".
     learn_sigma / diffusion: 2C output channels when learn_sigma or diffusion.learned_variance;
-        `diffusion` (a GaussianDiffusion) is carried for fastdiff.sample.
+        `diffusion` (a GaussianDiffusion) is carried for fastdiff.sample. Without one the model
+        carries Ho et al.'s default: linear schedule, T=1000, eps prediction, and fixed_small
+        variance (learned_range when learn_sigma).
 
     default_guidance_scale: the classifier-free guidance w `fastdiff.sample(model, y=...)` uses
-    when given none; 0 here, set from the training config by fastdiff.train.load_checkpoint.
+    when given none; 0 here, set from the training config when a trained model is loaded.
     """
 
     default_guidance_scale: float = 0.0
@@ -179,9 +143,12 @@ class UNet(nn.Module):
                  num_classes: Optional[int] = None, learn_sigma: bool = False, num_groups: int = 32,
                  out_channels: Optional[int] = None, diffusion=None):
         super().__init__()
-        if diffusion is not None and not hasattr(diffusion, "output_channels"):
+        if diffusion is None:
+            diffusion = GaussianDiffusion(NoiseSchedule.linear(1000),
+                                          variance="learned_range" if learn_sigma else "fixed_small")
+        if not isinstance(diffusion, GaussianDiffusion):
             raise TypeError(f"diffusion must be a fastdiff.GaussianDiffusion, got {type(diffusion).__name__}")
-        if diffusion is not None and diffusion.learned_variance:
+        if diffusion.learned_variance:
             learn_sigma = True
         if out_channels is None:
             out_channels = 2 * in_channels if learn_sigma else in_channels

@@ -12,14 +12,16 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save
 
 from fastdiff.data import load_dataset
 from fastdiff.diffusion import GaussianDiffusion
 from fastdiff.models.classifier import CLASSIFIER_PRESETS, NoisyClassifier
 from fastdiff.schedule import NoiseSchedule
-from fastdiff.train import atomic_write_bytes
+from fastdiff.io import atomic_write_bytes
+from fastdiff.options import nonneg_float, option, positive_float, positive_int
+from fastdiff.train.auxiliary import fit_classifier
+from fastdiff.train.config import SCHEDULES
 
 WEIGHTS = "classifier.safetensors"
 RECORD = "classifier.json"
@@ -27,18 +29,20 @@ RECORD = "classifier.json"
 
 @dataclasses.dataclass
 class ClassifierConfig:
-    data: str = "shapes"
-    out: str = "runs/classifier"
-    steps: int = 2000
-    preset: str = "small"
-    batch_size: int = 64
-    lr: float = 3e-4
-    weight_decay: float = 0.05
-    seed: int = 0
-    schedule: str = "linear"     # must match the diffusion model it will guide
-    T: int = 1000
-    image_size: int = 32
-    progress: bool = True
+    """A classifier run; each field is also a `fastdiff train-classifier` option."""
+    data: str = option("shapes", "labelled dataset, as for train")
+    out: str = option("runs/classifier", "output folder", required=True)
+    steps: int = option(2000, "training steps", type=positive_int)
+    preset: str = option("small", "classifier preset", choices=tuple(CLASSIFIER_PRESETS))
+    batch_size: int = option(64, "batch size", type=positive_int)
+    lr: float = option(3e-4, "learning rate", type=positive_float)
+    weight_decay: float = option(0.05, "AdamW weight decay", type=nonneg_float)
+    seed: int = option(0, "seed")
+    schedule: str = option("linear", "noise schedule: must match the diffusion model it will guide",
+                           choices=SCHEDULES)
+    T: int = option(1000, "diffusion steps: must match the diffusion model", type=positive_int)
+    image_size: int = option(32, "image resolution", type=positive_int)
+    progress: bool = option(True, "no progress bar", flag="--no-progress")
 
     def validate(self) -> "ClassifierConfig":
         if self.preset not in CLASSIFIER_PRESETS:
@@ -66,27 +70,13 @@ def train_classifier(config: ClassifierConfig) -> Path:
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
-    steps = range(config.steps)
-    if config.progress:
-        from tqdm.auto import tqdm
-        steps = tqdm(steps, desc="classifier")
-    correct = seen = 0
-    for step in steps:
-        idx = torch.randint(0, len(dataset), (config.batch_size,), generator=gen)
-        x0, y = dataset.batch(idx)
+
+    def batch(step):
+        x0, y = dataset.batch(torch.randint(0, len(dataset), (config.batch_size,), generator=gen))
         t = torch.randint(0, config.T, (config.batch_size,), generator=gen)
-        x_t = diffusion.q_sample(x0, t, torch.randn(x0.shape, generator=gen))
-        logits = model(x_t, t)
-        loss = F.cross_entropy(logits, y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        correct += (logits.argmax(1) == y).sum().item()
-        seen += len(y)
-        if config.progress and step % 50 == 0:
-            steps.set_postfix(loss=f"{loss.item():.3f}", acc=f"{correct / seen:.2f}")
-            correct = seen = 0
-    model.eval()
+        return diffusion.q_sample(x0, t, torch.randn(x0.shape, generator=gen)), t, y
+
+    fit_classifier(model, opt, config.steps, batch, progress=config.progress, desc="classifier")
     atomic_write_bytes(out / WEIGHTS, save({k: v.contiguous() for k, v in model.state_dict().items()}))
     record = {"config": dataclasses.asdict(config), "model": model.config, "steps": config.steps,
               "class_names": dataset.class_names}

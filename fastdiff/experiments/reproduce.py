@@ -19,7 +19,7 @@ Statistics (the helpers are tested against scipy):
 - bits/dim: mean over held-out images with a Student-t 95% interval; model differences are
   paired (same images, same noise draws) and get a t-interval of the per-image differences;
 - FID-like: Fréchet distance in the feature space of a small CNN trained on the shapes
-  labels (`fastdiff.evaluation.ShapesFeatures`) against held-out real shapes; 95% normal
+  labels (`fastdiff.metrics.ShapesFeatures`) against held-out real shapes; 95% normal
   bootstrap intervals (point ± 1.96 bootstrap standard errors) resampling both the generated
   and the reference features; differences between sample sets drawn from the same initial
   noise are bootstrapped pairwise;
@@ -156,7 +156,7 @@ def bootstrap_fid(gen: np.ndarray, ref: np.ndarray, reps: int, seed: int = 0,
     """(FID, low, high) with a 95% normal bootstrap interval (resampling both the generated
     and the reference features). With `other` (generated from the same initial
     noise, row for row), the statistic is FID(gen) - FID(other), resampled pairwise."""
-    from fastdiff.evaluation import fid_from_features
+    from fastdiff.metrics import fid_from_features
 
     rng = np.random.default_rng(seed)
 
@@ -238,7 +238,7 @@ class Run:
         self._check_settings()
 
     def _check_settings(self) -> None:
-        from fastdiff.train import atomic_write_bytes
+        from fastdiff.io import atomic_write_bytes
 
         path = self.cache / "settings.json"
         mine = {"settings": self.settings.to_json(), "seed": self.seed}
@@ -255,7 +255,7 @@ class Run:
     def cached(self, key: str, compute: Callable[[], Tuple[dict, Dict[str, np.ndarray]]]):
         """(record, arrays) for `key`: read from the cache, or computed, timed and saved
         atomically (arrays first, the JSON record last: it is the commit)."""
-        from fastdiff.train import atomic_write_bytes
+        from fastdiff.io import atomic_write_bytes
 
         rec_path, arr_path = self.cache / f"{key}.json", self.cache / f"{key}.npz"
         if rec_path.exists():
@@ -302,7 +302,8 @@ class Run:
 
     def features(self):
         if self._features is None:
-            from fastdiff.evaluation import SHAPES_RECORD, load_shapes_features, train_shapes_features
+            from fastdiff.metrics.features import SHAPES_RECORD, load_shapes_features
+            from fastdiff.train.features import train_shapes_features
 
             folder = self.out / "features"
             s = self.settings
@@ -372,7 +373,7 @@ class Run:
         return np.asarray(steps), np.asarray(losses)
 
     def _add_training_time(self, name: str, seconds: float) -> None:
-        from fastdiff.train import atomic_write_bytes
+        from fastdiff.io import atomic_write_bytes
 
         path = self.cache / "training-times.json"
         times = json.loads(path.read_text()) if path.exists() else {}
@@ -381,7 +382,7 @@ class Run:
 
     def record_invocation(self, command: str, wall_seconds: float, threads: int, only: Sequence[int]) -> None:
         """Append this invocation to cache/invocations.json (the report lists them)."""
-        from fastdiff.train import atomic_write_bytes
+        from fastdiff.io import atomic_write_bytes
 
         path = self.cache / "invocations.json"
         log = json.loads(path.read_text()) if path.exists() else []
@@ -1105,8 +1106,8 @@ EXPERIMENT_FUNCTIONS = {1: experiment_1, 2: experiment_2, 3: experiment_3, 4: ex
 
 # --------------------------------------------------------------------------- report
 def write_report(run: Run, sections: Sequence[Section], wall_seconds: float, threads: int, command: str) -> Path:
-    from fastdiff.evaluation import SHAPES_RECORD
-    from fastdiff.train import atomic_write_bytes
+    from fastdiff.metrics.features import SHAPES_RECORD
+    from fastdiff.io import atomic_write_bytes
 
     s = run.settings
     first, last = run.cache_span()

@@ -9,15 +9,16 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Callable, List, Optional, Sequence, Union
+from typing import Callable, Iterator, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
 
-from fastdiff import guidance, ops
+from fastdiff import ops
 from fastdiff.diffusion import GaussianDiffusion, _check_choice
 from fastdiff.ops.philox import INITIAL_NOISE_STEP
 from fastdiff.ops.sampler_step import StepCoefficients
+from fastdiff.sampling import guidance
 from fastdiff.schedule import NoiseSchedule
 
 SPACINGS = ("uniform", "leading", "trailing", "quadratic")
@@ -123,7 +124,7 @@ def sample(model: Callable, shape: Optional[Sequence[int]] = None, steps: int = 
         step, element) only, so the first image of a batch equals the image drawn alone.
     cuda_graph: capture model call + step once as a CUDA graph and replay it for every step
         (CUDA tensors only; ValueError on CPU). compile: a torch.compile mode for the model,
-        e.g. "reduce-overhead". Same samples as the plain loop; see fastdiff/cuda_graphs.py.
+        e.g. "reduce-overhead". Same samples as the plain loop; see fastdiff/sampling/cuda_graphs.py.
     y: class labels (int or (B,)): passed to the model as `y=` when it is class-conditional
         (has a `num_classes` attribute that is not None), and the classifier's target.
     guidance_scale: classifier-free guidance w (Ho & Salimans): eps~ = (1 + w) eps(x, y) -
@@ -194,7 +195,7 @@ def sample(model: Callable, shape: Optional[Sequence[int]] = None, steps: int = 
     if classifier is not None and (cuda_graph or compile is not None):
         raise ValueError("classifier guidance needs a gradient per step: use it without cuda_graph/compile")
     if cuda_graph or compile is not None:
-        from fastdiff.cuda_graphs import sample_loop
+        from fastdiff.sampling.cuda_graphs import sample_loop
         return sample_loop(model_fn, x, coefs, d.timestep_map, seed=seed, sample_offset=sample_offset,
                            clip_denoised=clip_denoised, variance=variance, mean_only=mean_only,
                            model_kwargs=model_kwargs, split_output=d.split_output, cuda_graph=cuda_graph,
@@ -227,3 +228,22 @@ def sample(model: Callable, shape: Optional[Sequence[int]] = None, steps: int = 
         if grad is not None and sampler == "ddpm":
             x += grad
     return x
+
+
+def sample_in_batches(model: Callable, n: int, batch_size: int, *, y: Optional[torch.Tensor] = None,
+                      seed: int = 0, sample_offset: int = 0, **kwargs) -> Iterator[torch.Tensor]:
+    """`n` samples as consecutive batches of at most `batch_size`: batch k is samples
+    [k batch_size, (k+1) batch_size) of one `sample(model, n=n, y=y, seed=seed, ...)` call, so
+    the concatenation does not depend on `batch_size` (the noise contract: sample i's noise is a
+    function of (seed, sample_offset + i, step, element) only). `y`: None or (n,) labels."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be a positive int, got {n!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    if y is not None and (not isinstance(y, torch.Tensor) or tuple(y.shape) != (n,)):
+        raise ValueError(f"y must be None or a tensor of shape ({n},), got "
+                         f"{tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__}")
+    for start in range(0, n, batch_size):
+        m = min(batch_size, n - start)
+        yield sample(model, n=m, y=None if y is None else y[start:start + m], seed=seed,
+                     sample_offset=sample_offset + start, **kwargs)

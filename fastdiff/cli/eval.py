@@ -1,12 +1,12 @@
-"""Command-line parts for sample quality: `fastdiff eval fid` and `fastdiff train-features`.
+"""`fastdiff eval bpd` and `fastdiff eval fid`.
 
-    fastdiff train-features --out runs/shapes-features --steps 400 --seed 0
+    fastdiff eval bpd runs/shapes --data shapes --n 256 --steps 100
     fastdiff eval fid runs/shapes --data shapes --n 2000 --steps 50 --kid
     fastdiff eval fid samples.npz --data shapes --features inception \\
         --inception-weights pt_inception-2015-12-05-6726825d.pth
 
-`fastdiff.cli` wires these in with `add_fid_parser(eval_subparsers)` and
-`add_train_features_parser(subparsers)`; each sets `func` on its parser.
+A run folder is sampled exactly as `fastdiff sample` samples it (same labels, guidance,
+seed and noise contract), so `eval fid` measures the images users get.
 """
 from __future__ import annotations
 
@@ -15,50 +15,14 @@ import json
 import time
 from pathlib import Path
 
-from fastdiff.cli import UserError, _nonneg_float, _positive_int  # cli imports this module lazily
-
-DEFAULT_FEATURE_STEPS = 400
-
-
-def _user_error(message: str) -> Exception:
-    return UserError(message)
-
-
-# --------------------------------------------------------------------------- train-features
-def add_train_features_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("train-features", help="train the shapes feature network used by `eval fid`",
-                              description="Train a small CNN to classify the embedded 'shapes' data; its "
-                              "penultimate layer is the feature space of `fastdiff eval fid --features shapes`. "
-                              "Writes shapes_features.safetensors and shapes_features.json to --out.")
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--steps", type=_positive_int, default=DEFAULT_FEATURE_STEPS,
-                   help=f"training steps (default: {DEFAULT_FEATURE_STEPS}; a few minutes on a CPU)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=_positive_int, default=64)
-    p.add_argument("--dataset-size", type=_positive_int, default=4000, help="generated shapes to train on")
-    p.add_argument("--image-size", type=_positive_int, default=32,
-                   help="image size to train at, that of the samples it will judge (default: 32)")
-    p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=cmd_train_features)
-    return p
-
-
-def cmd_train_features(args: argparse.Namespace) -> int:
-    from fastdiff.evaluation import SHAPES_RECORD, train_shapes_features
-
-    t0 = time.time()
-    out = train_shapes_features(args.out, steps=args.steps, seed=args.seed, batch_size=args.batch_size,
-                                dataset_size=args.dataset_size, image_size=args.image_size,
-                                progress=not args.no_progress)
-    record = json.loads((out / SHAPES_RECORD).read_text())
-    print(f"shapes features: {args.steps} steps in {time.time() - t0:.1f}s, held-out accuracy "
-          f"{record['held_out_accuracy']:.3f} (n={record['held_out_n']}), {record['feature_dim']}-d features; "
-          f"saved to {out}")
-    return 0
+from fastdiff.cli.sample import add_sampler_options, class_labels, draw, load_for_sampling
+from fastdiff.cli.train import DEFAULT_FEATURE_STEPS
+from fastdiff.errors import UserError
+from fastdiff.options import positive_int
 
 
 # --------------------------------------------------------------------------- eval fid
-def add_fid_parser(eval_subparsers) -> argparse.ArgumentParser:
+def _add_fid_parser(eval_subparsers) -> None:
     e = eval_subparsers.add_parser(
         "fid", help="FID (and optionally KID, precision/recall) of samples against a dataset",
         description="Fréchet distance between feature statistics of generated samples and of a reference "
@@ -77,28 +41,21 @@ def add_fid_parser(eval_subparsers) -> argparse.ArgumentParser:
     e.add_argument("--shapes-features", default=None, metavar="PATH",
                    help="trained shapes feature network (folder from `fastdiff train-features`); default: "
                    "train one into a cache folder next to SOURCE if none is there yet")
-    e.add_argument("--features-steps", type=_positive_int, default=DEFAULT_FEATURE_STEPS,
+    e.add_argument("--features-steps", type=positive_int, default=DEFAULT_FEATURE_STEPS,
                    help=f"training steps for that on-the-fly network (default: {DEFAULT_FEATURE_STEPS})")
-    e.add_argument("--features-dataset-size", type=_positive_int, default=4000,
+    e.add_argument("--features-dataset-size", type=positive_int, default=4000,
                    help="generated shapes to train that network on (default: 4000)")
-    e.add_argument("--n", type=_positive_int, default=2000,
+    e.add_argument("--n", type=positive_int, default=2000,
                    help="number of generated and of reference images (default: 2000; an .npz with fewer "
                    "images uses all it has)")
-    e.add_argument("--steps", type=_positive_int, default=50, help="sampler steps for a run folder (default: 50)")
-    e.add_argument("--eta", type=_nonneg_float, default=0.0, help="DDIM eta for a run folder (default: 0)")
-    e.add_argument("--sampler", choices=("ddim", "ddpm"), default="ddim")
-    e.add_argument("--no-ema", action="store_true", help="sample with the raw weights, not the EMA")
+    add_sampler_options(e)
     e.add_argument("--kid", action="store_true", help="also report KID (mean ± std over subsets)")
-    e.add_argument("--kid-subsets", type=_positive_int, default=100)
-    e.add_argument("--kid-subset-size", type=_positive_int, default=1000)
+    e.add_argument("--kid-subsets", type=positive_int, default=100)
+    e.add_argument("--kid-subset-size", type=positive_int, default=1000)
     e.add_argument("--precision-recall", action="store_true",
                    help="also report improved precision/recall (k=3 nearest neighbours)")
-    e.add_argument("--batch-size", type=_positive_int, default=64)
-    e.add_argument("--seed", type=int, default=0)
     e.add_argument("--json", default=None, help="also write the results to this JSON file")
-    e.add_argument("--no-progress", action="store_true")
     e.set_defaults(func=cmd_eval_fid)
-    return e
 
 
 def _generated_images(args, source: Path):
@@ -107,7 +64,7 @@ def _generated_images(args, source: Path):
 
     if source.is_file():
         if source.suffix != ".npz":
-            raise _user_error(f"{source}: expected a run folder or an .npz of samples")
+            raise UserError(f"{source}: expected a run folder or an .npz of samples")
         ds = load_npz(source, size=None)  # uint8 as `fastdiff sample` writes; floats in [0,1]/[-1,1] also work
         return ds, f"{source} ({len(ds)} images)", source.parent
     if source.is_dir():
@@ -116,43 +73,27 @@ def _generated_images(args, source: Path):
 
 
 def _sample_run(args, run: Path):
-    import torch
-
-    import fastdiff
     from fastdiff.data import ImageDataset, to_uint8
-    from fastdiff.train import load_checkpoint
 
-    model, record = load_checkpoint(run, ema=not args.no_ema)
-    if args.steps > model.diffusion.T:
-        raise _user_error(f"--steps {args.steps} exceeds the model's T={model.diffusion.T}")
-    print(f"sampling {args.n} images from {run} (step {record['step']}, {args.sampler}, {args.steps} steps, "
-          f"eta={args.eta})", flush=True)
-    chunks, labels_all = [], []
-    for b, start in enumerate(range(0, args.n, args.batch_size)):
-        n = min(args.batch_size, args.n - start)
-        kwargs = {}
-        if model.num_classes:  # balanced classes, continuing across batches
-            labels = torch.arange(start, start + n) % model.num_classes
-            kwargs["y"] = labels
-            labels_all.append(labels)
-        # the sampler's noise depends on (seed, index in batch): give each batch its own seed
-        x = fastdiff.sample(model, n=n, steps=args.steps, eta=args.eta, seed=args.seed * 1_000_003 + b,
-                            sampler=args.sampler, model_kwargs=kwargs, progress=not args.no_progress)
-        chunks.append(to_uint8(x))  # quantised like saved samples
-    return ImageDataset(torch.cat(chunks), torch.cat(labels_all) if labels_all else None, name=str(run))
+    model, origin = load_for_sampling(str(run), args.no_ema)
+    labels, n, _ = class_labels(model, args.n)
+    print(f"sampling {n} images from {run} ({origin}, {args.sampler}, {args.steps} steps, eta={args.eta})",
+          flush=True)
+    x, _ = draw(model, n, labels, args)
+    return ImageDataset(to_uint8(x), labels, name=str(run))  # quantised like saved samples
 
 
 def _extractor(args, base: Path, image_size: int):
-    from fastdiff.evaluation import (SHAPES_RECORD, InceptionV3Features, load_shapes_features,
-                                     train_shapes_features)
+    from fastdiff.metrics.features import SHAPES_RECORD, InceptionV3Features, load_shapes_features
+    from fastdiff.train.features import train_shapes_features
 
     if args.features == "inception":
         if not args.inception_weights:
-            raise _user_error("--features inception needs --inception-weights PATH (the FID Inception-v3 state "
+            raise UserError("--features inception needs --inception-weights PATH (the FID Inception-v3 state "
                               "dict, pt_inception-2015-12-05-6726825d.pth); nothing is downloaded")
         return InceptionV3Features(args.inception_weights)
     if args.inception_weights:
-        raise _user_error("--inception-weights is given but --features is 'shapes'; add --features inception")
+        raise UserError("--inception-weights is given but --features is 'shapes'; add --features inception")
     if args.shapes_features:
         return load_shapes_features(args.shapes_features)
     # trained at the samples' size (at least 12, the generator's smallest); others are resized to it
@@ -182,21 +123,21 @@ def _features(extractor, dataset, n: int, batch_size: int):
 
 def cmd_eval_fid(args: argparse.Namespace) -> int:
     from fastdiff.data import load_dataset
-    from fastdiff.evaluation import fid_from_features, kid, precision_recall
+    from fastdiff.metrics import fid_from_features, kid, precision_recall
 
     t0 = time.time()
     source = Path(args.source).expanduser()
     generated, what, base = _generated_images(args, source)
     n_gen = min(args.n, len(generated))
     if n_gen < 2:
-        raise _user_error(f"{source}: FID needs at least 2 generated images, got {n_gen}")
+        raise UserError(f"{source}: FID needs at least 2 generated images, got {n_gen}")
     size = generated.shape[-1]
     extractor = _extractor(args, base, size)
     reference = load_dataset(args.data, image_size=size, train=args.split == "train", seed=0,
                              n=args.n if args.data == "shapes" else None)
     n_ref = min(args.n, len(reference))
     if n_ref < 2:
-        raise _user_error(f"{args.data}: FID needs at least 2 reference images, got {n_ref}")
+        raise UserError(f"{args.data}: FID needs at least 2 reference images, got {n_ref}")
     f_gen = _features(extractor, generated, n_gen, args.batch_size)
     f_ref = _features(extractor, reference, n_ref, args.batch_size)
     fid = fid_from_features(f_ref, f_gen)
@@ -215,8 +156,70 @@ def cmd_eval_fid(args: argparse.Namespace) -> int:
     result["seconds"] = round(time.time() - t0, 2)
     print(line + f"\n({what}; {result['seconds']:.1f}s)")
     if args.json:
-        from fastdiff.train import atomic_write_bytes
+        from fastdiff.io import atomic_write_bytes
         path = Path(args.json)
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(path, json.dumps(result, indent=1).encode())
     return 0
+
+
+# --------------------------------------------------------------------------- eval bpd
+def cmd_eval_bpd(a: argparse.Namespace) -> int:
+    import math
+
+    import torch
+
+    from fastdiff.data import load_dataset
+    from fastdiff.sampling import space_timesteps
+
+    model, origin = load_for_sampling(a.dir, a.no_ema)
+    d = model.diffusion
+    steps = a.steps or d.T
+    if steps > d.T:
+        raise UserError(f"--steps {steps} exceeds the model's T={d.T}")
+    if steps < d.T:
+        d = d.respace(space_timesteps(d.T, steps, "uniform"))
+    ds = load_dataset(a.data, image_size=model.sample_shape[-1], train=a.split == "train", seed=0)
+    if ds.shape[0] != model.sample_shape[0]:
+        raise UserError(f"{a.data}: {ds.shape[0]}-channel images, but the model takes {model.sample_shape[0]}")
+    n = min(a.n, len(ds))
+    gen = torch.Generator().manual_seed(a.seed)
+    totals = []
+    t0 = time.time()
+    for start in range(0, n, a.batch_size):
+        x, _ = ds.batch(range(start, min(n, start + a.batch_size)))
+        res = d.nll_bpd(model, x, generator=gen, progress=not a.no_progress)
+        totals.append(res["total_bpd"].double())
+    bpd = torch.cat(totals)
+    mean = bpd.mean().item()
+    half = 1.96 * bpd.std().item() / math.sqrt(n) if n > 1 else float("nan")
+    what = f"T={d.T}" + (f" (respaced from {model.diffusion.T})" if d.T != model.diffusion.T else "")
+    print(f"bits/dim: {mean:.4f} ± {half:.4f} (95% CI; n={n}, {what}, {a.split} split, {origin}, "
+          f"{time.time() - t0:.1f}s)")
+    if a.json:
+        Path(a.json).write_text(json.dumps({"bpd": mean, "ci95": half, "n": n, "T": d.T, "split": a.split,
+                                            "source": a.dir}, indent=1))
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("eval", help="evaluate a trained run", description="Evaluate a trained run.")
+    esub = p.add_subparsers(dest="metric", metavar="METRIC")
+    esub.required = True
+    e = esub.add_parser("bpd", help="bits/dim (variational bound) with a 95%% confidence interval",
+                        description="Bits/dim by the full variational bound: T model evaluations per batch. "
+                        "--steps S evaluates the bound of the process respaced to S steps (an upper bound "
+                        "that is looser than the full one, but S/T of the cost).")
+    e.add_argument("dir", help="run folder (holding checkpoint.json) or exported model file")
+    e.add_argument("--data", required=True, help="dataset, as for train")
+    e.add_argument("--n", type=positive_int, default=256, help="number of images (default: 256)")
+    e.add_argument("--steps", type=positive_int, default=None, help="respaced process length (default: T)")
+    e.add_argument("--batch-size", type=positive_int, default=64)
+    e.add_argument("--split", choices=("test", "train"), default="test",
+                   help="held-out split where the dataset has one (default: test)")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--no-ema", action="store_true")
+    e.add_argument("--json", default=None, help="also write the result to this JSON file")
+    e.add_argument("--no-progress", action="store_true")
+    e.set_defaults(func=cmd_eval_bpd)
+    _add_fid_parser(esub)

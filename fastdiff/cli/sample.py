@@ -1,0 +1,158 @@
+"""`fastdiff sample` and `fastdiff export`."""
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from pathlib import Path
+
+from fastdiff.errors import UserError
+from fastdiff.options import nonneg_float, positive_int
+
+
+def load_for_sampling(source: str, no_ema: bool = False):
+    """(model, description) from a run folder (EMA weights unless no_ema) or an exported file."""
+    from fastdiff.interop import load_model
+    from fastdiff.train import load_checkpoint
+
+    path = Path(source)
+    if path.is_dir():
+        model, record = load_checkpoint(path, ema=not no_ema)
+        return model, f"step {record['step']}, {'model' if no_ema else 'EMA'} weights"
+    if no_ema:
+        raise UserError(f"--no-ema needs a run folder; {source} is an exported model file")
+    model, info = load_model(path)
+    return model, f"step {info['step']}, {info['weights']} weights of {path.name}"
+
+
+def class_labels(model, n: int, label=None, per_class=None, classifier=None):
+    """(labels or None, n, grid row length) for `fastdiff sample`'s class options: cycle through
+    the classes by default, one class with --class, K of each class (row k = class k) with
+    --per-class K."""
+    import torch
+
+    num_classes = model.num_classes or (classifier.num_classes if classifier is not None else None)
+    nrow = int(math.ceil(math.sqrt(n)))
+    if per_class is not None:
+        if not num_classes:
+            raise UserError("--per-class needs a class-conditional model or a --classifier")
+        if label is not None:
+            raise UserError("--per-class draws every class; it cannot be combined with --class")
+        n = per_class * num_classes
+        return torch.arange(n) // per_class, n, per_class
+    if label is not None:
+        if not num_classes:
+            raise UserError("--class given but the model is not class-conditional (and no --classifier)")
+        if not 0 <= label < num_classes:
+            raise UserError(f"--class must be in [0, {num_classes - 1}], got {label}")
+        return torch.full((n,), label), n, nrow
+    if num_classes:
+        return torch.arange(n) % num_classes, n, nrow
+    return None, n, nrow
+
+
+def add_sampler_options(p: argparse.ArgumentParser, steps_default: int = 50) -> None:
+    """The options that choose how samples are drawn (shared by `sample` and `eval fid`)."""
+    p.add_argument("--steps", type=positive_int, default=steps_default,
+                   help=f"sampler steps (default: {steps_default})")
+    p.add_argument("--eta", type=nonneg_float, default=0.0, help="DDIM eta (default: 0)")
+    p.add_argument("--sampler", choices=("ddim", "ddpm"), default="ddim")
+    p.add_argument("--seed", type=int, default=0, help="noise seed: sample i's noise depends on (seed, i) only")
+    p.add_argument("--batch-size", type=positive_int, default=64,
+                   help="images per forward pass (default: 64; the images do not depend on it)")
+    p.add_argument("--guidance-scale", type=nonneg_float, default=None,
+                   help="classifier-free guidance w: (1+w) eps(x, y) - w eps(x) (default: the model's, "
+                   "recorded at training)")
+    p.add_argument("--no-ema", action="store_true", help="use the raw weights, not the EMA")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def guidance_scale_of(model, requested):
+    if requested and not model.num_classes:
+        raise UserError("--guidance-scale needs a class-conditional model (trained with labels)")
+    return model.default_guidance_scale if requested is None else requested  # 0 if unconditional
+
+
+def draw(model, n: int, labels, a: argparse.Namespace, classifier=None):
+    """n samples as `fastdiff sample` draws them (see sample_in_batches: independent of --batch-size)."""
+    import torch
+
+    from fastdiff.sampling import sample_in_batches
+
+    if a.steps > model.diffusion.T:
+        raise UserError(f"--steps {a.steps} exceeds the model's T={model.diffusion.T}")
+    w = guidance_scale_of(model, a.guidance_scale)
+    extra = {}
+    if classifier is not None:
+        extra = dict(classifier=classifier, classifier_scale=a.classifier_scale)
+    chunks = sample_in_batches(model, n, a.batch_size, y=labels, steps=a.steps, eta=a.eta, seed=a.seed,
+                               sampler=a.sampler, progress=not a.no_progress, guidance_scale=w, **extra)
+    return torch.cat(list(chunks)), w
+
+
+def cmd_sample(a: argparse.Namespace) -> int:
+    import numpy as np
+
+    from fastdiff.data import to_uint8
+    from fastdiff.image_utils import save_image_grid
+
+    model, origin = load_for_sampling(a.dir, a.no_ema)
+    classifier = None
+    if a.classifier is not None:
+        from fastdiff.train.classifier import load_classifier
+        classifier = load_classifier(a.classifier)
+    labels, n, nrow = class_labels(model, a.n, a.label, a.per_class, classifier)
+    t0 = time.time()
+    x, w = draw(model, n, labels, a, classifier)
+    seconds = time.time() - t0
+    out = Path(a.out)
+    png, npz = (out, out.with_suffix(".npz")) if out.suffix.lower() != ".npz" else (out.with_suffix(".png"), out)
+    if png.suffix.lower() != ".png":
+        png = png.with_suffix(png.suffix + ".png")
+    save_image_grid(x, png, nrow=nrow, scale=a.scale)
+    arrays = {"images": to_uint8(x).permute(0, 2, 3, 1).numpy()}
+    if labels is not None:
+        arrays["labels"] = labels.numpy()
+    np.savez(npz, **arrays)
+    guided = f", guidance scale {w:g}" if model.num_classes else ""
+    print(f"{n} samples ({a.sampler}, {a.steps} steps, eta={a.eta}{guided}) in {seconds:.1f}s "
+          f"({n / seconds:.2f} samples/s): {png} and {npz} ({origin})")
+    return 0
+
+
+def cmd_export(a: argparse.Namespace) -> int:
+    from fastdiff.interop import export_model
+
+    path = export_model(a.dir, a.out, ema=not a.no_ema, dtype=a.dtype)
+    print(f"exported {'model' if a.no_ema else 'EMA'} weights of {a.dir} ({a.dtype}) to {path} "
+          f"({path.stat().st_size / 1e6:.1f} MB)")
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("sample", help="draw samples from a trained run or an exported model",
+                       description="Sample a trained run or a `fastdiff export` file; writes a PNG grid and an "
+                       ".npz (uint8 NHWC 'images', and 'labels' for class-conditional sampling).")
+    p.add_argument("dir", help="run folder (holding checkpoint.json) or exported model file (.safetensors)")
+    p.add_argument("--n", type=positive_int, default=16, help="number of samples (default: 16)")
+    p.add_argument("--out", required=True, help="output .png (an .npz is written next to it)")
+    add_sampler_options(p)
+    p.add_argument("--class", "--label", dest="label", type=int, default=None,
+                   help="class of every sample (default: cycle through the classes)")
+    p.add_argument("--scale", type=positive_int, default=2, help="pixel magnification of the PNG grid (default: 2)")
+    p.add_argument("--per-class", type=positive_int, default=None, metavar="K",
+                   help="K samples of every class, one row per class (instead of --n)")
+    p.add_argument("--classifier", default=None, help="folder of a `fastdiff train-classifier` run: classifier guidance")
+    p.add_argument("--classifier-scale", type=nonneg_float, default=1.0, help="classifier guidance scale (default: 1)")
+    p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("export", help="write a run's weights as one small self-describing file",
+                       description="Write the EMA weights of a training run, with the U-Net and diffusion "
+                       "configuration and default guidance scale in the file's metadata, as one .safetensors "
+                       "file (no optimizer state) that `fastdiff sample` and fastdiff.load_model read.")
+    p.add_argument("dir", help="run folder (holding checkpoint.json)")
+    p.add_argument("--out", required=True, help="output .safetensors file")
+    p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32",
+                   help="storage precision (loaded back as fp32; default: fp32)")
+    p.add_argument("--no-ema", action="store_true", help="export the raw weights, not the EMA")
+    p.set_defaults(func=cmd_export)

@@ -1,0 +1,77 @@
+"""fastdiff's own model files: `export_model` writes a training run's weights as one
+self-describing safetensors file, `load_model` reads it (or a run folder) back as a U-Net
+that carries its diffusion and default guidance scale."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Tuple
+
+import torch
+
+from fastdiff.errors import InputError
+from fastdiff.io import atomic_write_bytes
+from fastdiff.models.unet import UNet
+from fastdiff.train.checkpoint import CHECKPOINT_JSON, load_checkpoint
+from fastdiff.train.config import build_diffusion, config_from_dict
+
+MODEL_FORMAT = "fastdiff-model-1"
+_EXPORT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def export_model(run, path, ema: bool = True, dtype: str = "fp32") -> Path:
+    """Write the weights of a training run (EMA unless ema=False) as one self-describing
+    safetensors file: the tensors (stored as `dtype`: "fp32", "fp16" or "bf16"; loaded back
+    as fp32) and, in its metadata, the U-Net and diffusion configuration and the default
+    guidance scale. `load_model` reads it; a few MB instead of a checkpoint's optimizer state."""
+    from safetensors.torch import save as st_save
+
+    if dtype not in _EXPORT_DTYPES:
+        raise ValueError(f"dtype must be one of {tuple(_EXPORT_DTYPES)}, got {dtype!r}")
+    model, record = load_checkpoint(run, ema=ema)
+    tensors = {k: (v.to(_EXPORT_DTYPES[dtype]) if v.is_floating_point() else v).contiguous()
+               for k, v in model.state_dict().items()}
+    config = config_from_dict(record["config"])
+    metadata = {"format": MODEL_FORMAT, "model_config": json.dumps(record["model_config"]),
+                "config": json.dumps(dataclasses.asdict(config)), "step": str(record["step"]),
+                "weights": "ema" if ema else "model", "stored_dtype": dtype,
+                "default_guidance_scale": repr(config.resolved_guidance_scale)}
+    path = Path(path)
+    if path.parent != Path(""):
+        path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, st_save(tensors, metadata=metadata))
+    return path
+
+
+def load_model(path, device="cpu") -> Tuple[UNet, dict]:
+    """(model, info) from a file written by `export_model` or from a training folder (its
+    EMA weights); the model carries its GaussianDiffusion and default guidance scale and is
+    in eval mode. info: the training config, step and where the weights came from."""
+    from safetensors import safe_open
+
+    path = Path(os.path.expanduser(str(path)))
+    if path.is_dir() or path.name == CHECKPOINT_JSON:
+        model, record = load_checkpoint(path, device=device)
+        return model, {"config": record["config"], "step": record["step"], "weights": "ema", "source": str(path)}
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such model file or training folder")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:
+        raise InputError(f"{path}: not a safetensors model file ({type(e).__name__}: {e})") from None
+    if metadata.get("format") != MODEL_FORMAT:
+        raise InputError(f"{path}: not a fastdiff model file (format {metadata.get('format')!r}; "
+                         f"write one with `fastdiff export`)")
+    config = config_from_dict(json.loads(metadata["config"]))
+    model = UNet(diffusion=build_diffusion(config), **json.loads(metadata["model_config"]))
+    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in tensors.items()})
+    model.default_guidance_scale = float(metadata["default_guidance_scale"])
+    info = {"config": dataclasses.asdict(config), "step": int(metadata["step"]), "weights": metadata["weights"],
+            "source": str(path)}
+    return model.to(device).eval(), info
+
+

@@ -1,0 +1,205 @@
+"""What a training run depends on (`TrainConfig`, saved in every checkpoint and the source of
+`fastdiff train`'s options), and the pieces built from it: the diffusion, the U-Net, the
+learning-rate and EMA schedules, and the per-step seeds."""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Tuple
+
+import numpy as np
+
+from fastdiff.diffusion import LOSSES, PREDICTIONS, T_SAMPLERS, VARIANCES, GaussianDiffusion
+from fastdiff.models.unet import PRESETS, UNet
+from fastdiff.options import nonneg_float, nonneg_int, option, positive_float, positive_int, step_list
+from fastdiff.schedule import NoiseSchedule
+
+# Fields of a resumed run that may differ from the checkpoint's config.
+RESUMABLE_OVERRIDES = ("steps", "out", "resume", "save_every", "sample_every", "sample_at_end", "progress",
+                       "max_minutes", "max_nonfinite", "keep_checkpoints", "log_every", "guidance_scale",
+                       "lr_milestones", "lr_gamma", "device")
+# Of those, the ones whose None means "not given: keep the recorded value".
+KEPT_WHEN_NONE = ("guidance_scale", "lr_milestones", "lr_gamma")
+# The classifier-free guidance w a class-conditional model trained with label dropout samples
+# at unless told otherwise (see TrainConfig.guidance_scale).
+DEFAULT_GUIDANCE_SCALE = 3.0
+DEFAULT_LR_GAMMA = 0.1
+SCHEDULES = ("linear", "cosine")
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run depends on; saved in every checkpoint. Each field is also a
+    `fastdiff train` option (fastdiff.options)."""
+    data: str = option("shapes", "'shapes' (embedded), 'digits' (scikit-learn), a folder of images, a CIFAR-10 "
+                       "binary folder/.bin file, or a .npz file (keys x/images, y/labels)", required=True)
+    out: str = option("runs/fastdiff", "run folder: checkpoints, samples, loss curve", required=True)
+    steps: int = option(1000, "total training steps", type=positive_int, required=True)
+    preset: str = option("tiny", "U-Net preset", choices=sorted(PRESETS))
+    batch_size: int = option(32, "per-process batch size", type=positive_int)
+    seed: int = option(0, "seed of everything random in the run")
+    image_size: int = option(32, "image resolution", type=positive_int)
+    dataset_size: Optional[int] = option(None, "size of the generated 'shapes' set (default: 10000)",
+                                         type=positive_int)
+    # optimisation
+    lr: float = option(2e-4, "peak learning rate", type=positive_float)
+    weight_decay: float = option(0.0, "AdamW weight decay", type=nonneg_float)
+    warmup_steps: int = option(500, "linear LR warm-up steps (Ho et al.: 5000)", flag="--warmup", type=nonneg_int)
+    lr_milestones: Optional[Tuple[int, ...]] = option(
+        None, "comma-separated steps at which the LR is multiplied by --lr-gamma (default: none); may be "
+        "given on --resume", type=step_list, metavar="STEPS")
+    lr_gamma: Optional[float] = option(None, f"LR factor at each milestone (default: {DEFAULT_LR_GAMMA})",
+                                       type=positive_float)
+    grad_clip: float = option(1.0, "max gradient norm, 0 disables", type=nonneg_float)
+    ema_rate: float = option(0.9999, "EMA decay of the sampling weights", type=nonneg_float)
+    bf16: bool = option(False, "bf16 autocast of the model")
+    channels_last: bool = option(False, "channels_last memory format")
+    # diffusion
+    schedule: str = option("linear", "noise schedule", choices=SCHEDULES)
+    T: int = option(1000, "diffusion steps", type=positive_int)
+    prediction: str = option("eps", "what the network predicts", choices=PREDICTIONS)
+    variance: Optional[str] = option(None, "default: fixed_small for --loss simple, learned_range otherwise",
+                                     choices=VARIANCES)
+    loss: str = option("simple", "training loss", choices=LOSSES)
+    t_sampler: str = option("uniform", "how t is drawn (importance: Nichol & Dhariwal Eq. 103)",
+                            choices=T_SAMPLERS)
+    # model
+    dropout: Optional[float] = option(None, "default: the preset's", type=nonneg_float)
+    class_cond: bool = option(False, "condition on the dataset's labels")
+    p_uncond: float = option(0.1, "label dropout (classifier-free guidance)", type=nonneg_float)
+    guidance_scale: Optional[float] = option(
+        None, f"default classifier-free guidance w recorded with the model for sampling (default: "
+        f"{DEFAULT_GUIDANCE_SCALE:g} with --class-cond and --p-uncond > 0, else 0)", type=nonneg_float)
+    model: Dict[str, Any] = option(help="further UNet keyword arguments", default_factory=dict, cli=False)
+    # bookkeeping
+    save_every: int = option(500, "checkpoint every N steps", type=positive_int)
+    sample_every: int = option(0, "sample grid every N steps (0: at the end)", type=nonneg_int)
+    sample_at_end: bool = option(True, cli=False)
+    sample_n: int = option(16, "images in each sample grid", type=positive_int)
+    sample_steps: int = option(50, "DDIM steps of the sample grids", type=positive_int)
+    log_every: int = option(10, "progress-bar loss average over N steps", type=positive_int)
+    keep_checkpoints: int = option(2, "weights files kept", type=positive_int)
+    max_nonfinite: int = option(20, "stop after more non-finite losses than this", type=nonneg_int)
+    max_minutes: Optional[float] = option(None, "wall-clock budget", type=positive_float)
+    resume: bool = option(False, "continue from the checkpoint in --out")
+    progress: bool = option(True, "no progress bar", flag="--no-progress")
+    device: str = option("auto", "auto | cpu | cuda[:i] (a device that is not there is an error)")
+
+    def validate(self) -> "TrainConfig":
+        def need(cond, msg):
+            if not cond:
+                raise ValueError(msg)
+        need(self.preset in PRESETS, f"preset must be one of {tuple(PRESETS)}, got {self.preset!r}")
+        need(self.loss in LOSSES, f"loss must be one of {LOSSES}, got {self.loss!r}")
+        need(self.t_sampler in T_SAMPLERS, f"t_sampler must be one of {T_SAMPLERS}, got {self.t_sampler!r}")
+        need(self.prediction in PREDICTIONS, f"prediction must be one of {PREDICTIONS}, got {self.prediction!r}")
+        need(self.variance is None or self.variance in VARIANCES,
+             f"variance must be one of {VARIANCES}, got {self.variance!r}")
+        need(self.schedule in SCHEDULES, f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        for name in ("steps", "batch_size", "T", "save_every", "sample_n", "sample_steps", "log_every",
+                     "keep_checkpoints"):
+            need(isinstance(getattr(self, name), int) and getattr(self, name) >= 1,
+                 f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        need(self.lr > 0 and math.isfinite(self.lr), f"lr must be a positive number, got {self.lr!r}")
+        need(0.0 <= self.ema_rate < 1.0, f"ema_rate must be in [0, 1), got {self.ema_rate!r}")
+        need(self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps!r}")
+        if self.lr_milestones is not None:
+            self.lr_milestones = tuple(self.lr_milestones)  # a list when read back from JSON
+            need(all(isinstance(m, int) and m >= 1 for m in self.lr_milestones) and
+                 list(self.lr_milestones) == sorted(set(self.lr_milestones)),
+                 f"lr_milestones must be increasing positive step numbers, got {self.lr_milestones!r}")
+        need(self.lr_gamma is None or (0 < self.lr_gamma <= 1 and math.isfinite(self.lr_gamma)),
+             f"lr_gamma must be in (0, 1], got {self.lr_gamma!r}")
+        need(self.grad_clip >= 0, f"grad_clip must be >= 0 (0 disables), got {self.grad_clip!r}")
+        need(0.0 <= self.p_uncond < 1.0, f"p_uncond must be in [0, 1), got {self.p_uncond!r}")
+        need(self.guidance_scale is None or (math.isfinite(self.guidance_scale) and self.guidance_scale >= 0),
+             f"guidance_scale must be None or a finite number >= 0, got {self.guidance_scale!r}")
+        need(self.max_nonfinite >= 0, f"max_nonfinite must be >= 0, got {self.max_nonfinite!r}")
+        need(self.sample_steps <= self.T, f"sample_steps={self.sample_steps} must be <= T={self.T}")
+        return self
+
+    @property
+    def resolved_variance(self) -> str:
+        return self.variance or ("fixed_small" if self.loss == "simple" else "learned_range")
+
+    @property
+    def resolved_guidance_scale(self) -> float:
+        """The w `fastdiff.sample(model, y=...)` uses when given none: guidance needs the
+        unconditional branch that label dropout trains, so 0 without it."""
+        if not self.class_cond or self.p_uncond == 0:
+            return 0.0
+        return DEFAULT_GUIDANCE_SCALE if self.guidance_scale is None else float(self.guidance_scale)
+
+
+@dataclass
+class TrainResult:
+    step: int
+    status: str                        # "done" | "time" | "nonfinite"
+    message: str
+    out: str
+    losses: List[Tuple[int, float]]
+    nonfinite_skipped: int
+    steps_per_s: float
+    samples_per_s: float
+    seconds: float
+
+
+def config_from_dict(d: dict) -> TrainConfig:
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    return TrainConfig(**{k: v for k, v in d.items() if k in names})
+
+
+def merge_resumed(saved: TrainConfig, given: TrainConfig) -> Tuple[TrainConfig, List[str]]:
+    """The config a resumed run continues with: the checkpoint's, with the fields a resume may
+    change taken from `given` (those in KEPT_WHEN_NONE only when given). Returns it and the
+    names of the settings where `given` differed but the checkpoint's value was kept."""
+    def as_saved(v):  # tuples come back from JSON as lists
+        return None if v is None else list(v) if isinstance(v, tuple) else v
+    kept = [f.name for f in dataclasses.fields(TrainConfig) if f.name not in RESUMABLE_OVERRIDES
+            and as_saved(getattr(saved, f.name)) != as_saved(getattr(given, f.name))]
+    merged = dataclasses.replace(saved)
+    for name in RESUMABLE_OVERRIDES:
+        if name in KEPT_WHEN_NONE and getattr(given, name) is None:
+            continue
+        setattr(merged, name, getattr(given, name))
+    return merged.validate(), kept
+
+
+# --------------------------------------------------------------------------- building
+def build_diffusion(config: TrainConfig) -> GaussianDiffusion:
+    schedule = NoiseSchedule.named(config.schedule, config.T)
+    return GaussianDiffusion(schedule, prediction=config.prediction, variance=config.resolved_variance,
+                             loss=config.loss, t_sampler=config.t_sampler)
+
+
+def build_model(config: TrainConfig, in_channels: int, num_classes: Optional[int]) -> UNet:
+    kwargs = dict(config.model)
+    kwargs.update(image_size=config.image_size, in_channels=in_channels)
+    if config.dropout is not None:
+        kwargs["dropout"] = config.dropout
+    if config.class_cond:
+        if not num_classes:
+            raise ValueError(f"class_cond needs a labelled dataset; {config.data!r} has no labels")
+        kwargs["num_classes"] = num_classes
+    return UNet.preset(config.preset, diffusion=build_diffusion(config), **kwargs)
+
+
+def step_seed(*values: int) -> int:
+    """A 63-bit seed from integers (seed, step, rank, stream), stable across runs."""
+    return int(np.random.SeedSequence([int(v) & 0xFFFFFFFF for v in values]).generate_state(2, np.uint64)[0]
+               >> np.uint64(1))
+
+
+def lr_at(config: TrainConfig, step: int) -> float:
+    """Linear warm-up to config.lr, times lr_gamma for every milestone step already reached."""
+    gamma = DEFAULT_LR_GAMMA if config.lr_gamma is None else config.lr_gamma
+    lr = config.lr * gamma ** sum(step >= m for m in (config.lr_milestones or ()))
+    if config.warmup_steps <= 0:
+        return lr
+    return lr * min(1.0, (step + 1) / config.warmup_steps)
+
+
+def ema_rate_at(config: TrainConfig, step: int) -> float:
+    # EMA warm-up (as in many DDPM codebases): short runs are not stuck at the random init
+    return min(config.ema_rate, (1.0 + step) / (10.0 + step))

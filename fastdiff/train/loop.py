@@ -1,0 +1,324 @@
+"""The training loop: AdamW with warm-up and step decay, gradient clipping, EMA, bf16 autocast,
+every loss and t-sampler of GaussianDiffusion, atomic checkpoints with exact resume, and DDP
+under torchrun.
+
+Exactness: everything random in step s (the batch, t, the noise, label dropout, dropout
+masks) is drawn from generators seeded by (seed, step, rank), and a checkpoint
+(fastdiff.train.checkpoint) holds the model, EMA, optimizer and t-sampler state bit for bit.
+
+`train(config)` reads as the list of what a run does: `_Run` sets it up (fresh or resumed),
+then each iteration is `run.optimize(step)` (one optimisation step), `run.record(...)`,
+and the periodic `run.checkpoint` / `run.samples`, until the steps, the clock or the
+non-finite budget end it.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional, Tuple
+
+import numpy as np
+import torch
+
+from fastdiff.data import StepSampler, load_dataset
+from fastdiff.io import atomic_write_bytes
+from fastdiff.models.unet import UNet
+from fastdiff.train import distributed
+from fastdiff.train.checkpoint import (CHECKPOINT_JSON, load_tensors, read_checkpoint_record, save_checkpoint,
+                                       set_rng_state, state_tensors, unflatten_optimizer)
+from fastdiff.train.config import (TrainConfig, TrainResult, build_model, config_from_dict, ema_rate_at, lr_at,
+                                   merge_resumed, step_seed)
+from fastdiff.train.ema import ema_update
+
+
+def _read_log(path: Path, before_step: int) -> List[Tuple[int, float]]:
+    out = []
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue  # a line cut by a kill
+            if rec.get("step", before_step) < before_step:
+                out.append((int(rec["step"]), float(rec["loss"])))
+    return out
+
+
+def write_samples(model: UNet, path: Path, n: int, steps: int, seed: int = 0,
+                  guidance_scale: float = 0.0) -> torch.Tensor:
+    """A grid of n DDIM samples (eta=0) of model into path (PNG), classes in turn for a
+    class-conditional model (guided by guidance_scale); returns the samples."""
+    from fastdiff.image_utils import save_image_grid
+    from fastdiff.sampling import sample
+
+    y = None
+    if model.num_classes:
+        y = torch.arange(n, device=next(model.parameters()).device) % model.num_classes
+    x = sample(model, n=n, steps=steps, eta=0.0, seed=seed, y=y,
+               guidance_scale=guidance_scale if y is not None else 0.0)
+    save_image_grid(x, path, nrow=int(math.ceil(math.sqrt(n))), scale=2)
+    return x
+
+
+class _Run:
+    """One training run between steps: config, data, model, EMA, optimizer and the log."""
+
+    def __init__(self, config: TrainConfig):
+        config.validate()
+        self.out = Path(config.out)
+        self.rank, self.world, self.device = distributed.setup(config.device)
+        self.start_step, record = 0, None
+        if config.resume:
+            record = read_checkpoint_record(self.out, missing_ok=True)
+            if record is None:
+                self.log(f"--resume: no checkpoint in {self.out}; starting from scratch")
+            else:
+                config, kept = merge_resumed(config_from_dict(record["config"]), config)
+                if kept:
+                    self.log(f"resuming with the checkpoint's settings for {', '.join(kept)}")
+                self.start_step = int(record["step"])
+        elif read_checkpoint_record(self.out, missing_ok=True) is not None:
+            self.log(f"note: {self.out} holds a checkpoint; starting from scratch over it (--resume continues it)")
+        self.config = config
+        self.dataset = load_dataset(config.data, image_size=config.image_size, train=True, seed=0,
+                                    n=config.dataset_size)
+        self._build(record)
+        self.sampler = StepSampler(len(self.dataset), config.batch_size, seed=config.seed, rank=self.rank,
+                                   world=self.world)
+        self.net = self.model
+        if self.world > 1:
+            self.net = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self._open_log()
+
+    def log(self, msg: str) -> None:
+        if self.rank == 0:
+            print(msg, file=sys.stderr, flush=True)
+
+    def _build(self, record: Optional[dict]) -> None:
+        """Model, EMA and optimizer, from scratch or from the checkpoint `record` names."""
+        config = self.config
+        torch.manual_seed(config.seed)
+        self.model = build_model(config, self.dataset.shape[0], self.dataset.num_classes).to(self.device)
+        self.diffusion = self.model.diffusion
+        self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
+        if config.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+            self.ema = self.ema.to(memory_format=torch.channels_last)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay,
+                                     foreach=True)
+        self.nonfinite = 0
+        if record is None:
+            return
+        tensors = load_tensors(self.out, record)
+        self.model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        self.ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
+        self.opt.load_state_dict(unflatten_optimizer(tensors, record["optimizer"]))
+        self.diffusion.t_sampler.load_state_dict(
+            {k: torch.tensor(v) for k, v in record["t_sampler"]["state"].items()})
+        set_rng_state(record["rng"])
+        self.nonfinite = int(record.get("nonfinite_skipped", 0))
+        self.log(f"resumed from {self.out / CHECKPOINT_JSON} at step {self.start_step}")
+
+    def _open_log(self) -> None:
+        self.log_path = self.out / "log.jsonl"
+        self.losses: List[Tuple[int, float]] = []
+        self.pending_log: List[dict] = []
+        if self.rank != 0:
+            return
+        self.out.mkdir(parents=True, exist_ok=True)
+        for stale in self.out.glob(".*.tmp"):  # temp files of a save that was killed
+            stale.unlink(missing_ok=True)
+        self.losses = _read_log(self.log_path, self.start_step)
+        atomic_write_bytes(self.log_path, "".join(json.dumps({"step": s, "loss": l}) + "\n"
+                                                  for s, l in self.losses).encode())
+
+    # ----------------------------------------------------------------------- one step
+    def _model_fn(self, x_t, t, **kw):
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.bf16):
+            out = self.net(x_t, t, **kw)
+        return out.float()
+
+    def _batch(self, step: int):
+        """(x0, t, importance weights, noise, model kwargs) of `step`, from its own generators."""
+        config, device, rank = self.config, self.device, self.rank
+        x, y = self.dataset.batch(self.sampler.indices(step))
+        x = x.to(device, non_blocking=True)
+        if config.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        gen = torch.Generator().manual_seed(step_seed(config.seed, step, rank, 1))
+        dev_gen = gen if device.type == "cpu" else \
+            torch.Generator(device).manual_seed(step_seed(config.seed, step, rank, 2))
+        torch.manual_seed(step_seed(config.seed, step, rank, 3))  # dropout masks
+        t, weights = self.diffusion.t_sampler.sample(x.shape[0], device, gen)
+        noise = torch.randn(x.shape, generator=dev_gen, device=device, dtype=x.dtype)
+        kwargs = {}
+        if config.class_cond:
+            drop = torch.rand(x.shape[0], generator=gen) < config.p_uncond
+            y = torch.where(drop, torch.full_like(y, self.model.num_classes), y)
+            kwargs["y"] = y.to(device)
+        return x, t, weights, noise, kwargs
+
+    def optimize(self, step: int) -> Optional[str]:
+        """One optimisation step. Returns None when it was applied, else what was not finite
+        ("loss" or "gradient"; the step is skipped on every rank)."""
+        config = self.config
+        for g in self.opt.param_groups:
+            g["lr"] = lr_at(config, step)
+        x, t, weights, noise, kwargs = self._batch(step)
+        terms = self.diffusion.training_losses(self._model_fn, x, t=t, noise=noise, model_kwargs=kwargs)
+        loss = (terms["loss"] * weights).mean()
+        # One collective decides for every rank: skip the step if any rank's loss is not
+        # finite (the backward's all-reduce must run on all ranks or none).
+        flag = torch.stack([loss.detach().float().nan_to_num(0.0, 0.0, 0.0),
+                            (~torch.isfinite(loss.detach())).float()])
+        if self.world > 1:
+            torch.distributed.all_reduce(flag)
+            flag[0] /= self.world
+        if flag[1].item() != 0:
+            return "loss"
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_ok = True
+        if config.grad_clip > 0:
+            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.grad_clip)
+            grad_ok = bool(torch.isfinite(norm))
+        if grad_ok:
+            self.opt.step()
+            ema_update(self.ema, self.model, ema_rate_at(config, step))
+        self.opt.zero_grad(set_to_none=True)
+        if not grad_ok:
+            return "gradient"
+        # every rank's t-sampler sees every rank's losses: they stay equal
+        vb = distributed.all_gather_cat(terms["vb"].detach().float(), self.world)
+        tt = distributed.all_gather_cat(t, self.world)
+        self.diffusion.t_sampler.update(tt.cpu(), vb.cpu())
+        value = flag[0].item()
+        self.losses.append((step, value))
+        self.pending_log.append({"step": step, "loss": value, "lr": lr_at(config, step)})
+        return None
+
+    # ----------------------------------------------------------------------- periodic work
+    def checkpoint(self, step: int) -> None:
+        from fastdiff.image_utils import plot_curve
+
+        config = self.config
+        if self.rank == 0:
+            if self.pending_log:
+                with open(self.log_path, "a") as f:
+                    f.writelines(json.dumps(r) + "\n" for r in self.pending_log)
+                self.pending_log.clear()
+            save_checkpoint(self.out, step, config, self.model, self.ema, self.opt, self.diffusion, self.sampler,
+                            self.nonfinite)
+            plot_curve([s for s, _ in self.losses], [l for _, l in self.losses], self.out / "loss.png",
+                       title=f"training loss ({config.loss}, {config.preset}, {config.data})",
+                       smooth=max(1, min(50, len(self.losses) // 20)), log_y=True)
+        distributed.barrier(self.world)
+
+    def samples(self, step: int) -> None:
+        if self.rank == 0:
+            config = self.config
+            write_samples(self.ema, self.out / "samples" / f"step-{step:08d}.png", config.sample_n,
+                          config.sample_steps, seed=config.seed, guidance_scale=config.resolved_guidance_scale)
+
+    def progress_bar(self):
+        if not (self.config.progress and self.rank == 0):
+            return None
+        from tqdm.auto import tqdm
+        # a run bounded by the clock (the demo) has no meaningful step total
+        config = self.config
+        total = config.steps if config.max_minutes is None or config.steps < 10 ** 6 else None
+        return tqdm(total=total, initial=self.start_step, desc="train", dynamic_ncols=True, mininterval=1.0)
+
+    def out_of_time(self, t_start: float) -> bool:
+        budget = self.config.max_minutes
+        stop = budget is not None and time.time() - t_start > 60.0 * budget
+        return distributed.from_rank0(stop, self.world, self.device)
+
+
+def train(config: TrainConfig) -> TrainResult:
+    """Train a UNet on config.data; see TrainConfig. Returns a TrainResult (status "done",
+    "time" when max_minutes ran out, "nonfinite" when too many non-finite losses were skipped)."""
+    run = _Run(config)
+    config = run.config  # a resumed run continues with its recorded settings
+    status, message = "done", ""
+    t_start = time.time()
+    timer = _StepTimer(run.start_step)
+    step = run.start_step
+    bar = run.progress_bar()
+    run.model.train()
+    try:
+        while step < config.steps:
+            timer.tick(step)
+            failed = run.optimize(step)
+            if failed:
+                run.nonfinite += 1
+                run.log(f"step {step}: non-finite {failed}, step skipped ({run.nonfinite} so far, stopping above "
+                        f"{config.max_nonfinite})")
+            step += 1
+            if bar is not None:
+                bar.update(1)
+                if step % config.log_every == 0 and run.losses:
+                    bar.set_postfix(loss=f"{np.mean([l for _, l in run.losses[-config.log_every:]]):.4f}")
+            if run.nonfinite > config.max_nonfinite:
+                status = "nonfinite"
+                message = (f"stopping at step {step}: {run.nonfinite} non-finite losses/gradients were skipped "
+                           f"(more than max_nonfinite={config.max_nonfinite}); the last good weights are "
+                           f"saved in {run.out / CHECKPOINT_JSON}. Check the data and lower the learning rate.")
+                break
+            if run.out_of_time(t_start) and step < config.steps:
+                status, message = "time", f"stopped at step {step}: the {config.max_minutes} minute budget ran out"
+                break
+            if step % config.save_every == 0 and step < config.steps:
+                run.checkpoint(step)
+            if config.sample_every and step % config.sample_every == 0 and step < config.steps:
+                run.samples(step)
+    finally:
+        if bar is not None:
+            bar.close()
+    elapsed = time.time() - t_start
+    steps_per_s = timer.rate(step, elapsed)
+    run.checkpoint(step)
+    if status != "nonfinite" and config.sample_at_end:
+        run.samples(step)
+    if status == "nonfinite":
+        run.log(message)
+    _dump_weights_for_tests(run)
+    distributed.barrier(run.world)
+    return TrainResult(step=step, status=status, message=message, out=str(run.out), losses=run.losses,
+                       nonfinite_skipped=run.nonfinite, steps_per_s=steps_per_s,
+                       samples_per_s=steps_per_s * config.batch_size * run.world, seconds=elapsed)
+
+
+class _StepTimer:
+    """Steps per second, leaving out the first two (warm-up) steps of the run."""
+
+    def __init__(self, start_step: int):
+        self.start_step, self.t0, self.steps = start_step, None, 0
+
+    def tick(self, step: int) -> None:
+        if self.t0 is None and step - self.start_step == 2:
+            self.t0, self.steps = time.time(), 0
+        self.steps += 1
+
+    def rate(self, step: int, elapsed: float) -> float:
+        if self.t0 is not None:
+            timed = time.time() - self.t0
+            if timed > 0 and self.steps:
+                return self.steps / timed
+        return (step - self.start_step) / max(elapsed, 1e-9)
+
+
+def _dump_weights_for_tests(run: _Run) -> None:
+    """Test hook FASTDIFF_TEST_DUMP_WEIGHTS=DIR: every rank's final weights, to check that DDP
+    keeps them equal."""
+    dump = os.environ.get("FASTDIFF_TEST_DUMP_WEIGHTS")
+    if dump:
+        from safetensors.torch import save_file
+        Path(dump).mkdir(parents=True, exist_ok=True)
+        save_file(state_tensors("model", run.model), str(Path(dump) / f"rank{run.rank}.safetensors"))
