@@ -297,8 +297,8 @@ int main() {
   for (const auto& c : cases)
     for (int64_t pad : {0, 3})
       for (int threads = 1; threads <= 2; ++threads) {
-        run<float>(c[0], c[1], c[2], c[3], c[4], pad, kStoreFloat32, threads);
-        run<uint16_t>(c[0], c[1], c[2], c[3], c[4], pad, kStoreBFloat16, threads);
+        run<float>(c[0], c[1], c[2], c[3], c[4], pad, kFloat32, threads);
+        run<uint16_t>(c[0], c[1], c[2], c[3], c[4], pad, kBFloat16, threads);
       }
   std::printf("ok\n");
   return 0;

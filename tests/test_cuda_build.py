@@ -19,6 +19,7 @@ from fastdiff import ops
 from fastdiff.ops.group_norm import group_norm_silu_reference
 from fastdiff.ops.sampler_step import coefficient_table, sampler_step_reference
 from fastdiff.triton_kernels import cuda_native
+from native_harness import cuda_emulation_module
 
 ROOT = Path(__file__).resolve().parents[1]
 CUDA_SOURCES = sorted((ROOT / "csrc" / "cuda").glob("*.cu"))
@@ -78,27 +79,8 @@ def test_cuda_launchers_reject_cpu_tensors():
 # as std::threads -- so that the kernels' indexing, tiling, reductions and layouts are checked
 # against the references on any machine with a C++20 compiler.
 @pytest.fixture(scope="module")
-def emulated_lib(tmp_path_factory):
-    cxx = shutil.which("g++") or shutil.which("c++")
-    if cxx is None:
-        pytest.skip("no C++ compiler for the host emulation")
-    import importlib.util
-    import sysconfig
-
-    import pybind11
-
-    out_dir = tmp_path_factory.mktemp("cuda_emulation")
-    target = out_dir / ("_C_cuda_emu" + sysconfig.get_config_var("EXT_SUFFIX"))
-    cmd = [cxx, "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread", "-DFASTDIFF_CUDA_HOST_EMULATION",
-           "-DFASTDIFF_CUDA_MODULE_NAME=_C_cuda_emu", f"-I{pybind11.get_include()}",
-           f"-I{sysconfig.get_paths()['include']}", f"-I{ROOT / 'csrc'}", "-x", "c++",
-           *[str(p) for p in CUDA_SOURCES], str(ROOT / "csrc" / "cuda" / "bindings.cpp"), "-o", str(target)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    spec = importlib.util.spec_from_file_location("_C_cuda_emu", target)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def emulated_lib():
+    return cuda_emulation_module()
 
 
 @pytest.fixture(params=["emulated", pytest.param("gpu", marks=needs_gpu)])

@@ -313,7 +313,7 @@ static void run(int64_t N, int64_t C, int64_t S, int64_t G, bool cl, bool act, i
   const int64_t n = N * C * S;
   std::vector<T> x(n), dy(n), y(n), dx(n);
   for (int64_t i = 0; i < n; ++i) { x[i] = T((i * 37) % 11); dy[i] = T((i * 13) % 5); }
-  if (dtype == kStoreBFloat16)
+  if (dtype == kBFloat16)
     for (int64_t i = 0; i < n; ++i) { x[i] = T(0x3F80 + (i % 7)); dy[i] = T(0x3F00 + (i % 3)); }
   std::vector<float> w(C, 1.5f), b(C, 0.25f), mean(N * G), rstd(N * G), gw(C), gb(C);
   GroupNormArgs fa{x.data(), w.data(), b.data(), y.data(), mean.data(), rstd.data(), N, C, S, G, 1e-5, cl, act,
@@ -330,8 +330,8 @@ int main() {
     for (int cl = 0; cl < 2; ++cl)
       for (int act = 0; act < 2; ++act)
         for (int threads = 1; threads <= 2; ++threads) {
-          run<float>(s[0], s[1], s[2], s[3], cl, act, kStoreFloat32, threads);
-          run<uint16_t>(s[0], s[1], s[2], s[3], cl, act, kStoreBFloat16, threads);
+          run<float>(s[0], s[1], s[2], s[3], cl, act, kFloat32, threads);
+          run<uint16_t>(s[0], s[1], s[2], s[3], cl, act, kBFloat16, threads);
         }
   std::printf("ok\n");
   return 0;

@@ -298,11 +298,16 @@ def test_attention_strided_inputs_and_default_blocks():
     torch.testing.assert_close(lse.cpu().double(), ref_lse, rtol=1e-5, atol=1e-5)
 
 
-def test_attention_fp64_uses_reference():
+def test_attention_fp64_is_the_tables_choice_not_the_launchers():
+    """The launcher refuses float64; the op's table sends it to the reference under auto and
+    refuses a forced Triton backend (no silent fallback inside the kernel module)."""
     q = _randn(1, 1, 4, 8, seed=6).to(DEVICE)
-    out, lse = tk_attn.attention_fwd_triton(q, q, q, 0.5)
-    assert out.dtype == torch.float64 and lse.dtype == torch.float64
-    torch.testing.assert_close(out.cpu(), attention_reference(q.cpu(), q.cpu(), q.cpu(), 0.5)[0])
+    with pytest.raises(TypeError, match="fp32, fp16 and bf16"):
+        tk_attn.attention_fwd_triton(q, q, q, 0.5)
+    with ops.use_backend("triton"), pytest.raises(ops.BackendError, match="float64"):
+        ops.attention(q, q, q, 0.5)
+    if DEVICE.type == "cuda":
+        assert ops.backend_for("attention", q) == "reference"
 
 
 # --------------------------------------------------------------------------- through the custom ops

@@ -12,8 +12,8 @@ Backward (two passes, no atomics, deterministic):
      accumulate dV = P^T dO and dK = scale dS^T q with dS = P (dO v^T - delta),
   2. per query block: dQ = scale dS k over all key blocks.
 fp16 / bf16 inputs feed the tensor cores and accumulate in fp32; fp32 inputs use IEEE fp32
-products (no TF32), so fp32 results match an fp32 reference. fp64 inputs are not a kernel
-case: the launchers hand them to the pure-torch reference.
+products (no TF32), so fp32 results match an fp32 reference. fp64 is not a kernel case: the
+op's backend table (fastdiff/ops/attention.py) never sends it here, and the launchers refuse it.
 
 Launchers take and return what the custom ops in fastdiff/ops/attention.py do.
 """
@@ -25,6 +25,8 @@ from typing import Tuple
 import torch
 import triton
 import triton.language as tl
+
+from fastdiff.triton_kernels._common import dense_head_dim, head_strides
 
 _LOG2E = 1.4426950408889634
 LOG2E = tl.constexpr(_LOG2E)  # kernels may only read constexpr globals
@@ -200,31 +202,25 @@ def _attn_bwd_dq_kernel(
 
 
 # --------------------------------------------------------------------------- host side
-def _dense_head_dim(t: torch.Tensor) -> torch.Tensor:
-    return t if t.stride(3) == 1 or t.shape[3] == 1 else t.contiguous()
-
-
 def _strides(*ts):
-    return [int(s) for t in ts for s in t.stride()[:3]]
+    return [s for t in ts for s in head_strides(t)]
+
+
+def _check_dtype(q: torch.Tensor) -> None:
+    if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"Triton attention runs fp32, fp16 and bf16, got {q.dtype}")
 
 
 def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"  # ignored for fp16/bf16 operands
 
 
-def _reference_fwd(q, k, v, scale):
-    from fastdiff.ops.attention import attention_reference
-    out, lse = attention_reference(q, k, v, scale)
-    return out.contiguous(), lse.contiguous()
-
-
 def attention_fwd_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                          block_m: int = 0, block_n: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
     """Returns out (B, H, Lq, D) contiguous in q's dtype and lse (B, H, Lq) fp32, as
-    `fastdiff::attention_fwd` (fp64: the reference, lse fp64)."""
-    if q.dtype == torch.float64:
-        return _reference_fwd(q, k, v, scale)
-    q, k, v = _dense_head_dim(q), _dense_head_dim(k), _dense_head_dim(v)
+    `fastdiff::attention_fwd`."""
+    _check_dtype(q)
+    q, k, v = dense_head_dim(q), dense_head_dim(k), dense_head_dim(v)
     b, h, lq, d = q.shape
     lk = k.shape[2]
     d_pad = max(16, triton.next_power_of_2(d))
@@ -242,13 +238,8 @@ def attention_bwd_triton(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tenso
                          out: torch.Tensor, lse: torch.Tensor, scale: float, block_m: int = 0,
                          block_n: int = 0) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (grad_q, grad_k, grad_v), contiguous, in q's dtype, as `fastdiff::attention_bwd`."""
-    if q.dtype == torch.float64:
-        with torch.enable_grad():
-            qr, kr, vr = (t.detach().requires_grad_(True) for t in (q, k, v))
-            ref, _ = _reference_fwd(qr, kr, vr, scale)
-            grads = torch.autograd.grad(ref, (qr, kr, vr), grad_out)
-        return tuple(g.contiguous() for g in grads)
-    q, k, v = _dense_head_dim(q), _dense_head_dim(k), _dense_head_dim(v)
+    _check_dtype(q)
+    q, k, v = dense_head_dim(q), dense_head_dim(k), dense_head_dim(v)
     grad_out = grad_out.to(q.dtype).contiguous()
     out = out.contiguous()
     lse = lse.to(torch.float32).contiguous()

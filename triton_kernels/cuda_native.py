@@ -15,6 +15,8 @@ from typing import Optional, Sequence, Tuple
 
 import torch
 
+from fastdiff.triton_kernels._common import dense_affine, empty_in_layout, require_layout
+
 try:
     from fastdiff import _C_cuda as lib  # type: ignore[attr-defined]
 except ImportError:  # built without a CUDA toolkit (FASTDIFF_CUDA=OFF or none found)
@@ -31,12 +33,11 @@ def available() -> bool:
     return lib is not None and torch.cuda.is_available()
 
 
-def _storage(dtype: torch.dtype, mod) -> int:
-    table = {torch.float32: mod.STORAGE_F32, torch.float16: mod.STORAGE_F16, torch.bfloat16: mod.STORAGE_BF16,
-             torch.float64: mod.STORAGE_F64}
-    if dtype not in table:
-        raise TypeError(f"CUDA kernels store fp32, fp16, bf16 or fp64, got {dtype}")
-    return table[dtype]
+def _storage(dtype: torch.dtype, mod, allowed=(torch.float32, torch.float16, torch.bfloat16, torch.float64)) -> int:
+    """The module's code for `dtype` (csrc/dtypes.h, the one table every kernel uses)."""
+    if dtype not in allowed:
+        raise TypeError(f"these CUDA kernels store {', '.join(str(d) for d in allowed)}, got {dtype}")
+    return mod.dtype_codes[str(dtype).replace("torch.", "")]
 
 
 def _stream(t: torch.Tensor) -> int:
@@ -105,25 +106,7 @@ def randn_cuda(shape: Tuple[int, ...], seed: int, step: int, sample_offset: int 
 
 
 # --------------------------------------------------------------------------- group_norm_silu
-def _layout(x3: torch.Tensor) -> bool:
-    if x3.is_contiguous():
-        return False
-    if x3.transpose(1, 2).is_contiguous():
-        return True
-    raise ValueError(f"x must be NCS- or NSC-dense, got strides {x3.stride()} for shape {tuple(x3.shape)}")
-
-
-def _empty_like_layout(x3: torch.Tensor, channels_last: bool) -> torch.Tensor:
-    n, c, s = x3.shape
-    if channels_last:
-        return torch.empty((n, s, c), dtype=x3.dtype, device=x3.device).transpose(1, 2)
-    return torch.empty((n, c, s), dtype=x3.dtype, device=x3.device)
-
-
-def _affine(t: Optional[torch.Tensor], c: int, fill: float, like: torch.Tensor) -> torch.Tensor:
-    if t is None:
-        return torch.full((c,), fill, dtype=torch.float32, device=like.device)
-    return t.detach().to(torch.float32).contiguous()
+_GN_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # fp32 statistics: no float64 kernel
 
 
 def group_norm_silu_fwd_cuda(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
@@ -132,17 +115,18 @@ def group_norm_silu_fwd_cuda(x: torch.Tensor, weight: Optional[torch.Tensor], bi
     """As `fastdiff::group_norm_silu_fwd` for fp32 / fp16 / bf16 x (N, C, S)."""
     mod = _module(_lib, x)
     n, c, s = x.shape
-    channels_last = _layout(x)
+    channels_last = require_layout(x)
+    storage = _storage(x.dtype, mod, _GN_DTYPES)
     splits = mod.group_norm_splits(n, c, s, channels_last)
     workspace = torch.empty((2 * splits * n * c,), dtype=torch.float32, device=x.device)
     mean = torch.empty((n, num_groups), dtype=torch.float32, device=x.device)
     rstd = torch.empty_like(mean)
-    y = _empty_like_layout(x, channels_last)
-    w, b = _affine(weight, c, 1.0, x), _affine(bias, c, 0.0, x)
+    y = empty_in_layout(x)
+    w, b = dense_affine(weight, c, 1.0, x), dense_affine(bias, c, 0.0, x)
     mod.group_norm_silu_forward(x=x.data_ptr(), weight=w.data_ptr(), bias=b.data_ptr(), y=y.data_ptr(),
                                 mean=mean.data_ptr(), rstd=rstd.data_ptr(), workspace=workspace.data_ptr(), n=n, c=c,
                                 s=s, groups=num_groups, splits=splits, eps=float(eps), channels_last=channels_last,
-                                act=bool(act), storage=_storage(x.dtype, mod), stream=_stream(x))
+                                act=bool(act), storage=storage, stream=_stream(x))
     return y, mean, rstd
 
 
@@ -152,21 +136,21 @@ def group_norm_silu_bwd_cuda(grad_y: torch.Tensor, x: torch.Tensor, weight: Opti
     """As `fastdiff::group_norm_silu_bwd`: (grad_x in x's layout, grad_weight, grad_bias fp32)."""
     mod = _module(_lib, x, grad_y)
     n, c, s = x.shape
-    channels_last = _layout(x)
+    channels_last = require_layout(x)
+    storage = _storage(x.dtype, mod, _GN_DTYPES)
     grad_y = grad_y.to(x.dtype)
     grad_y = grad_y.transpose(1, 2).contiguous().transpose(1, 2) if channels_last else grad_y.contiguous()
     splits = mod.group_norm_splits(n, c, s, channels_last)
     workspace = torch.empty((2 * splits * n * c + 2 * n * num_groups,), dtype=torch.float32, device=x.device)
-    grad_x = _empty_like_layout(x, channels_last)
+    grad_x = empty_in_layout(x)
     grad_w = torch.empty((c,), dtype=torch.float32, device=x.device)
     grad_b = torch.empty_like(grad_w)
-    w, b = _affine(weight, c, 1.0, x), _affine(bias, c, 0.0, x)
+    w, b = dense_affine(weight, c, 1.0, x), dense_affine(bias, c, 0.0, x)
     mean = mean.to(torch.float32).contiguous()
     rstd = rstd.to(torch.float32).contiguous()
     mod.group_norm_silu_backward(grad_y=grad_y.data_ptr(), x=x.data_ptr(), weight=w.data_ptr(), bias=b.data_ptr(),
                                  mean=mean.data_ptr(), rstd=rstd.data_ptr(), grad_x=grad_x.data_ptr(),
                                  grad_weight=grad_w.data_ptr(), grad_bias=grad_b.data_ptr(),
                                  workspace=workspace.data_ptr(), n=n, c=c, s=s, groups=num_groups, splits=splits,
-                                 channels_last=channels_last, act=bool(act), storage=_storage(x.dtype, mod),
-                                 stream=_stream(x))
+                                 channels_last=channels_last, act=bool(act), storage=storage, stream=_stream(x))
     return grad_x, grad_w, grad_b

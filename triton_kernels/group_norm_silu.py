@@ -30,6 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fastdiff.triton_kernels._common import dense_affine, empty_in_layout, require_layout
+
 TILE_ELEMENTS = 2048
 TARGET_PROGRAMS = 1024  # enough to fill 132 SMs several times over
 
@@ -247,15 +249,6 @@ def _bwd_dx_kernel(
 
 
 # --------------------------------------------------------------------------- host side
-def _channels_last(x3: torch.Tensor) -> bool:
-    """x3 (N, C, S): True if NSC-dense, False if NCS-dense (the op guarantees one of them)."""
-    if x3.is_contiguous():
-        return False
-    if x3.transpose(1, 2).is_contiguous():
-        return True
-    raise ValueError(f"x must be NCS- or NSC-dense, got strides {x3.stride()} for shape {tuple(x3.shape)}")
-
-
 def _acc_dtype(dtype: torch.dtype):
     return (tl.float64, torch.float64) if dtype == torch.float64 else (tl.float32, torch.float32)
 
@@ -277,19 +270,6 @@ def tile_config(n: int, c: int, s: int, channels_last: bool, tile_elements: int 
     return block_c, block_s, c_blocks, splits, s_per_split
 
 
-def _affine(t: Optional[torch.Tensor], c: int, fill: float, like: torch.Tensor, dtype) -> torch.Tensor:
-    if t is None:
-        return torch.full((c,), fill, dtype=dtype, device=like.device)
-    return t.detach().to(dtype).contiguous()
-
-
-def _empty_like_layout(x3: torch.Tensor, channels_last: bool) -> torch.Tensor:
-    n, c, s = x3.shape
-    if channels_last:
-        return torch.empty((n, s, c), dtype=x3.dtype, device=x3.device).transpose(1, 2)
-    return torch.empty((n, c, s), dtype=x3.dtype, device=x3.device)
-
-
 def group_norm_silu_fwd_triton(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                                num_groups: int, eps: float, act: bool, *, tile_elements: int = TILE_ELEMENTS,
                                target_programs: int = TARGET_PROGRAMS
@@ -297,7 +277,7 @@ def group_norm_silu_fwd_triton(x: torch.Tensor, weight: Optional[torch.Tensor], 
     """x: (N, C, S) NCS- or NSC-dense. Returns y (x's layout and dtype), mean and rstd (N, G)
     (fp32; fp64 for fp64 x), as `fastdiff::group_norm_silu_fwd`."""
     n, c, s = x.shape
-    channels_last = _channels_last(x)
+    channels_last = require_layout(x)
     acc_tl, acc_torch = _acc_dtype(x.dtype)
     block_c, block_s, c_blocks, splits, s_per_split = tile_config(n, c, s, channels_last, tile_elements,
                                                                   target_programs)
@@ -305,7 +285,7 @@ def group_norm_silu_fwd_triton(x: torch.Tensor, weight: Optional[torch.Tensor], 
     part_sq = torch.empty_like(part_sum)
     mean = torch.empty((n, num_groups), dtype=acc_torch, device=x.device)
     rstd = torch.empty_like(mean)
-    y = _empty_like_layout(x, channels_last)
+    y = empty_in_layout(x)
     grid = (n * c_blocks, splits)
     _partial_stats_kernel[grid](x, part_sum, part_sq, c, s, c_blocks, s_per_split, CHANNELS_LAST=channels_last,
                                 BLOCK_C=block_c, BLOCK_S=block_s, ACC=acc_tl, num_warps=4)
@@ -313,8 +293,8 @@ def group_norm_silu_fwd_triton(x: torch.Tensor, weight: Optional[torch.Tensor], 
                                               float(eps), float(s), CHANNELS_LAST=channels_last,
                                               BLOCK_CG=triton.next_power_of_2(c // num_groups), ACC=acc_tl,
                                               num_warps=1)
-    w = _affine(weight, c, 1.0, x, acc_torch)
-    b = _affine(bias, c, 0.0, x, acc_torch)
+    w = dense_affine(weight, c, 1.0, x, acc_torch)
+    b = dense_affine(bias, c, 0.0, x, acc_torch)
     _normalize_kernel[grid](x, w, b, mean, rstd, y, c, s, num_groups, c_blocks, s_per_split, ACT=bool(act),
                             CHANNELS_LAST=channels_last, BLOCK_C=block_c, BLOCK_S=block_s, ACC=acc_tl,
                             num_warps=4)
@@ -329,7 +309,7 @@ def group_norm_silu_bwd_triton(grad_y: torch.Tensor, x: torch.Tensor, weight: Op
     """Returns (grad_x in x's layout, grad_weight (C,), grad_bias (C,)) (fp32; fp64 for fp64 x),
     as `fastdiff::group_norm_silu_bwd`."""
     n, c, s = x.shape
-    channels_last = _channels_last(x)
+    channels_last = require_layout(x)
     acc_tl, acc_torch = _acc_dtype(x.dtype)
     grad_y = grad_y.to(x.dtype)
     if channels_last:
@@ -338,8 +318,8 @@ def group_norm_silu_bwd_triton(grad_y: torch.Tensor, x: torch.Tensor, weight: Op
         grad_y = grad_y.contiguous()
     block_c, block_s, c_blocks, splits, s_per_split = tile_config(n, c, s, channels_last, tile_elements,
                                                                   target_programs)
-    w = _affine(weight, c, 1.0, x, acc_torch)
-    b = _affine(bias, c, 0.0, x, acc_torch)
+    w = dense_affine(weight, c, 1.0, x, acc_torch)
+    b = dense_affine(bias, c, 0.0, x, acc_torch)
     mean = mean.to(acc_torch).contiguous()
     rstd = rstd.to(acc_torch).contiguous()
     dsum = torch.empty((splits, n, c), dtype=acc_torch, device=x.device)
@@ -356,7 +336,7 @@ def group_norm_silu_bwd_triton(grad_y: torch.Tensor, x: torch.Tensor, weight: Op
     group_size = (c // num_groups) * s
     a = (db_nc * w).view(n, num_groups, -1).sum(-1) / group_size         # mean_j(g)
     bcoef = (ds_nc * w).view(n, num_groups, -1).sum(-1) / group_size     # mean_j(g * xhat)
-    grad_x = _empty_like_layout(x, channels_last)
+    grad_x = empty_in_layout(x)
     _bwd_dx_kernel[grid](grad_y, x, w, b, mean, rstd, a.contiguous(), bcoef.contiguous(), grad_x, c, s, num_groups,
                          c_blocks, s_per_split, ACT=bool(act), CHANNELS_LAST=channels_last, BLOCK_C=block_c,
                          BLOCK_S=block_s, ACC=acc_tl, num_warps=4)

@@ -305,7 +305,7 @@ void backward_dtype(const AttentionBackwardArgs& a) {
 }  // namespace
 
 void attention_forward_cpu(const AttentionArgs& args) {
-  if (args.dtype == kStoreBFloat16) {
+  if (args.dtype == kBFloat16) {
     forward_dtype<uint16_t>(args);
   } else {
     forward_dtype<float>(args);
@@ -313,7 +313,7 @@ void attention_forward_cpu(const AttentionArgs& args) {
 }
 
 void attention_backward_cpu(const AttentionBackwardArgs& args) {
-  if (args.dtype == kStoreBFloat16) {
+  if (args.dtype == kBFloat16) {
     backward_dtype<uint16_t>(args);
   } else {
     backward_dtype<float>(args);

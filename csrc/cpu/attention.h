@@ -15,7 +15,7 @@ struct AttentionArgs {
   int64_t batch, heads, len_q, len_k, head_dim;
   int64_t q_stride[3], k_stride[3], v_stride[3];
   float scale;
-  int dtype;  // StorageType (group_norm_silu.h) of q, k, v, out
+  int dtype;  // dtypes.h code of q, k, v, out: kFloat32 or kBFloat16
   int num_threads;
 };
 

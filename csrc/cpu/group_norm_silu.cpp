@@ -447,7 +447,7 @@ void backward_dispatch(const GroupNormBackwardArgs& a) {
 }  // namespace
 
 void group_norm_silu_forward_cpu(const GroupNormArgs& args) {
-  if (args.dtype == kStoreBFloat16) {
+  if (args.dtype == kBFloat16) {
     args.channels_last ? forward_nsc<uint16_t>(args) : forward_ncs<uint16_t>(args);
   } else {
     args.channels_last ? forward_nsc<float>(args) : forward_ncs<float>(args);
@@ -455,7 +455,7 @@ void group_norm_silu_forward_cpu(const GroupNormArgs& args) {
 }
 
 void group_norm_silu_backward_cpu(const GroupNormBackwardArgs& args) {
-  if (args.dtype == kStoreBFloat16) {
+  if (args.dtype == kBFloat16) {
     backward_dispatch<uint16_t>(args);
   } else {
     backward_dispatch<float>(args);

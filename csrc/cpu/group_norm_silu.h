@@ -4,6 +4,7 @@
 // fastdiff/ops/group_norm.py validates every argument; these kernels assume valid input.
 #pragma once
 #include "cpu/bits.h"
+#include "dtypes.h"
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -11,8 +12,6 @@
 
 namespace fastdiff {
 
-// Storage types the fused kernels accept; the math is always fp32.
-enum StorageType : int { kStoreFloat32 = 0, kStoreBFloat16 = 1 };
 
 struct GroupNormArgs {
   const void* x;        // in,  (N, C, S) dense: NCS (channels-first) or NSC (channels_last)
@@ -25,7 +24,7 @@ struct GroupNormArgs {
   double eps;
   bool channels_last;  // false: x[n, c, s] at (n*C + c)*S + s; true: at (n*S + s)*C + c
   bool act;            // apply SiLU after the affine
-  int dtype;           // StorageType of x, y
+  int dtype;           // dtypes.h code of x, y: kFloat32 or kBFloat16 (fp32 math)
   int num_threads;
 };
 

@@ -1,9 +1,10 @@
 #pragma once
 #include <cstdint>
 
+#include "dtypes.h"
+
 namespace fastdiff {
 
-enum DType : int { kFloat32 = 0, kFloat64 = 1 };
 enum VarianceMode : int { kVarianceFixed = 0, kVarianceLearned = 1, kVarianceLearnedRange = 2 };
 
 struct SamplerStepArgs {

@@ -346,7 +346,8 @@ cudaError_t group_norm_silu_forward(const GroupNormArgs& a, cudaStream_t stream)
   switch (a.storage) {
     case kF16: return forward_dispatch<__half>(a, stream);
     case kBF16: return forward_dispatch<__nv_bfloat16>(a, stream);
-    default: return forward_dispatch<float>(a, stream);
+    case kF32: return forward_dispatch<float>(a, stream);
+    default: return cudaErrorInvalidValue;  // float64 is not a GroupNorm kernel case (fp32 statistics)
   }
 }
 
@@ -354,7 +355,8 @@ cudaError_t group_norm_silu_backward(const GroupNormBackwardArgs& a, cudaStream_
   switch (a.storage) {
     case kF16: return backward_dispatch<__half>(a, stream);
     case kBF16: return backward_dispatch<__nv_bfloat16>(a, stream);
-    default: return backward_dispatch<float>(a, stream);
+    case kF32: return backward_dispatch<float>(a, stream);
+    default: return cudaErrorInvalidValue;  // float64 is not a GroupNorm kernel case (fp32 statistics)
   }
 }
 

@@ -12,10 +12,18 @@
 
 #include <cstdint>
 
+#include "dtypes.h"
+
 namespace fastdiff_cuda {
 
-// Storage types (fp32 arithmetic except kF64, which computes in fp64).
-enum Storage : int { kF32 = 0, kF16 = 1, kBF16 = 2, kF64 = 3 };
+// Storage types: the codes of csrc/dtypes.h, shared with the CPU kernels (fp32 arithmetic
+// except kF64, which computes in fp64).
+enum Storage : int {
+  kF32 = fastdiff::kFloat32,
+  kF16 = fastdiff::kFloat16,
+  kBF16 = fastdiff::kBFloat16,
+  kF64 = fastdiff::kFloat64
+};
 
 struct SamplerStepArgs {
   const void* x;             // in,  (batch, numel) dense
@@ -48,7 +56,7 @@ struct GroupNormArgs {
   int64_t n, c, s, groups, splits;
   double eps;
   bool channels_last, act;
-  int storage;          // kF32, kF16 or kBF16
+  int storage;          // kF32, kF16 or kBF16 (float64 is refused at the binding)
 };
 
 struct GroupNormBackwardArgs {

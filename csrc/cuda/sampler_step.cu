@@ -122,7 +122,7 @@ void launch_step(const SamplerStepArgs& a, dim3 grid, cudaStream_t stream) {
   switch (a.variance_mode) {
     case 1: return launch_mode<T, 1>(a, grid, stream);
     case 2: return launch_mode<T, 2>(a, grid, stream);
-    default: return launch_mode<T, 0>(a, grid, stream);
+    default: return launch_mode<T, 0>(a, grid, stream);  // the binding admits only 0, 1, 2
   }
 }
 
@@ -136,7 +136,8 @@ cudaError_t sampler_step(const SamplerStepArgs& a, cudaStream_t stream) {
     case kF16: launch_step<__half>(a, grid, stream); break;
     case kBF16: launch_step<__nv_bfloat16>(a, grid, stream); break;
     case kF64: launch_step<double>(a, grid, stream); break;
-    default: launch_step<float>(a, grid, stream); break;
+    case kF32: launch_step<float>(a, grid, stream); break;
+    default: return cudaErrorInvalidValue;
   }
   return cudaGetLastError();
 }
@@ -150,7 +151,8 @@ cudaError_t philox_normal(void* y, int64_t batch, int64_t numel, uint64_t seed, 
     case kF16: FASTDIFF_LAUNCH(grid, kThreads, stream, normal_kernel)(static_cast<__half*>(y), batch, numel, seed, step, sample_offset); break;
     case kBF16: FASTDIFF_LAUNCH(grid, kThreads, stream, normal_kernel)(static_cast<__nv_bfloat16*>(y), batch, numel, seed, step, sample_offset); break;
     case kF64: FASTDIFF_LAUNCH(grid, kThreads, stream, normal_kernel)(static_cast<double*>(y), batch, numel, seed, step, sample_offset); break;
-    default: FASTDIFF_LAUNCH(grid, kThreads, stream, normal_kernel)(static_cast<float*>(y), batch, numel, seed, step, sample_offset); break;
+    case kF32: FASTDIFF_LAUNCH(grid, kThreads, stream, normal_kernel)(static_cast<float*>(y), batch, numel, seed, step, sample_offset); break;
+    default: return cudaErrorInvalidValue;
   }
   return cudaGetLastError();
 }

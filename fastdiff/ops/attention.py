@@ -13,8 +13,8 @@ from typing import Optional, Tuple
 import torch
 
 from fastdiff.ops import _backend
+from fastdiff.triton_kernels._common import dense_head_dim, head_strides, stats_dtype
 
-_NATIVE_DTYPES = {torch.float32: 0, torch.bfloat16: 1}  # csrc StorageType
 MIN_HEAD_DIM, MAX_HEAD_DIM = 8, 256
 
 
@@ -78,22 +78,75 @@ def attention_backward_reference(grad_out: torch.Tensor, q: torch.Tensor, k: tor
     return grad_q, grad_k, grad_v
 
 
-# --------------------------------------------------------------------------- native
-def _strides(t: torch.Tensor):
-    """(batch, head, position) strides of a (B, H, L, D) tensor with a dense head dim."""
-    return [int(s) for s in t.stride()[:3]]
+# --------------------------------------------------------------------------- kernels
+def _reference_fwd(q, k, v, scale):
+    out, lse = attention_reference(q, k, v, scale)
+    return out.contiguous(), lse.to(stats_dtype(q.dtype)).contiguous()
 
 
-def _dense_head_dim(t: torch.Tensor) -> torch.Tensor:
-    return t if t.stride(3) == 1 or t.shape[3] == 1 else t.contiguous()
+def _reference_bwd(grad_out, q, k, v, out, lse, scale):
+    grads = attention_backward_reference(grad_out, q, k, v, out, lse, scale)
+    return tuple(g.to(t.dtype).contiguous() for g, t in zip(grads, (q, k, v)))
 
 
-def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+def _native_fwd(q, k, v, scale):
+    lib = _backend.native_lib
+    q, k, v = dense_head_dim(q), dense_head_dim(k), dense_head_dim(v)
+    b, h, lq, d = q.shape
+    out = torch.empty((b, h, lq, d), dtype=q.dtype)
+    lse = torch.empty((b, h, lq), dtype=torch.float32)
+    lib.attention_forward(
+        q=q.data_ptr(), k=k.data_ptr(), v=v.data_ptr(), out=out.data_ptr(), lse=lse.data_ptr(), batch=b,
+        heads=h, len_q=lq, len_k=k.shape[2], head_dim=d, q_stride=head_strides(q), k_stride=head_strides(k),
+        v_stride=head_strides(v), scale=scale, dtype=_backend.dtype_code(lib, q.dtype),
+        num_threads=torch.get_num_threads())
+    return out, lse
 
 
-def _use_native(q: torch.Tensor) -> bool:
-    return _backend.resolve(q.device, "attention") == "native" and q.dtype in _NATIVE_DTYPES
+def _native_bwd(grad_out, q, k, v, out, lse, scale):
+    lib = _backend.native_lib
+    grad_out = dense_head_dim(grad_out.to(q.dtype))
+    q, k, v = dense_head_dim(q), dense_head_dim(k), dense_head_dim(v)
+    out = out.contiguous()
+    b, h, lq, d = q.shape
+    grad_q = torch.empty(q.shape, dtype=q.dtype)
+    grad_k = torch.empty(k.shape, dtype=q.dtype)
+    grad_v = torch.empty(v.shape, dtype=q.dtype)
+    lib.attention_backward(
+        grad_out=grad_out.data_ptr(), q=q.data_ptr(), k=k.data_ptr(), v=v.data_ptr(), out=out.data_ptr(),
+        lse=lse.contiguous().data_ptr(), grad_q=grad_q.data_ptr(), grad_k=grad_k.data_ptr(),
+        grad_v=grad_v.data_ptr(), batch=b, heads=h, len_q=lq, len_k=k.shape[2], head_dim=d,
+        grad_out_stride=head_strides(grad_out), q_stride=head_strides(q), k_stride=head_strides(k),
+        v_stride=head_strides(v), scale=scale, dtype=_backend.dtype_code(lib, q.dtype),
+        num_threads=torch.get_num_threads())
+    return grad_q, grad_k, grad_v
+
+
+def _triton_fwd(*args):
+    from fastdiff.triton_kernels.attention import attention_fwd_triton
+    return attention_fwd_triton(*args)
+
+
+def _triton_bwd(*args):
+    from fastdiff.triton_kernels.attention import attention_bwd_triton
+    return attention_bwd_triton(*args)
+
+
+def _head_dim_limits(call: _backend.Call):
+    head_dim = call.facts.get("head_dim")
+    if head_dim is not None and not MIN_HEAD_DIM <= head_dim <= MAX_HEAD_DIM:
+        return f"head dim {head_dim} is outside [{MIN_HEAD_DIM}, {MAX_HEAD_DIM}]"
+    return None
+
+
+TABLE = _backend.register_table(_backend.OpTable(
+    "attention", auto={"cpu": ("native",), "cuda": ("triton",)}, facts=lambda q: {"head_dim": q.shape[-1]}))
+TABLE.register("reference", fwd=_reference_fwd, bwd=_reference_bwd)
+TABLE.register("native", devices=("cpu",), dtypes=(torch.float32, torch.bfloat16), limits=_head_dim_limits,
+               fwd=_native_fwd, bwd=_native_bwd)
+# float64 is not a Triton attention case (no fp64 tensor-core dot): auto gives it to the reference
+TABLE.register("triton", devices=("cuda", "cpu"), dtypes=(torch.float32, torch.float16, torch.bfloat16),
+               limits=_head_dim_limits, fwd=_triton_fwd, bwd=_triton_bwd)
 
 
 # --------------------------------------------------------------------------- forward op
@@ -101,26 +154,12 @@ def _use_native(q: torch.Tensor) -> bool:
 def _attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                    scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
     """Returns out (B, H, Lq, D) contiguous and lse (B, H, Lq) (fp32; float64 for float64 q)."""
-    if _backend.resolve(q.device, "attention", has_triton_kernel=True) == "triton":
-        from fastdiff.triton_kernels.attention import attention_fwd_triton
-        return attention_fwd_triton(q, k, v, scale)
-    if not _use_native(q):
-        out, lse = attention_reference(q, k, v, scale)
-        return out.contiguous(), lse.to(_stats_dtype(q.dtype)).contiguous()
-    q, k, v = _dense_head_dim(q), _dense_head_dim(k), _dense_head_dim(v)
-    b, h, lq, d = q.shape
-    out = torch.empty((b, h, lq, d), dtype=q.dtype)
-    lse = torch.empty((b, h, lq), dtype=torch.float32)
-    _backend.native_lib.attention_forward(
-        q=q.data_ptr(), k=k.data_ptr(), v=v.data_ptr(), out=out.data_ptr(), lse=lse.data_ptr(), batch=b,
-        heads=h, len_q=lq, len_k=k.shape[2], head_dim=d, q_stride=_strides(q), k_stride=_strides(k),
-        v_stride=_strides(v), scale=scale, dtype=_NATIVE_DTYPES[q.dtype], num_threads=torch.get_num_threads())
-    return out, lse
+    return TABLE.run("fwd", TABLE.call_for(q), q, k, v, scale)
 
 
 @_attention_fwd.register_fake
 def _(q, k, v, scale):
-    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=_stats_dtype(q.dtype))
+    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=stats_dtype(q.dtype))
 
 
 # --------------------------------------------------------------------------- backward op
@@ -128,26 +167,7 @@ def _(q, k, v, scale):
 def _attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                    out: torch.Tensor, lse: torch.Tensor, scale: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (grad_q, grad_k, grad_v), contiguous, in q's dtype."""
-    if _backend.resolve(q.device, "attention", has_triton_kernel=True) == "triton":
-        from fastdiff.triton_kernels.attention import attention_bwd_triton
-        return attention_bwd_triton(grad_out, q, k, v, out, lse, scale)
-    if not _use_native(q):
-        grads = attention_backward_reference(grad_out, q, k, v, out, lse, scale)
-        return tuple(g.to(t.dtype).contiguous() for g, t in zip(grads, (q, k, v)))
-    grad_out = _dense_head_dim(grad_out.to(q.dtype))
-    q, k, v = _dense_head_dim(q), _dense_head_dim(k), _dense_head_dim(v)
-    out = out.contiguous()
-    b, h, lq, d = q.shape
-    grad_q = torch.empty(q.shape, dtype=q.dtype)
-    grad_k = torch.empty(k.shape, dtype=q.dtype)
-    grad_v = torch.empty(v.shape, dtype=q.dtype)
-    _backend.native_lib.attention_backward(
-        grad_out=grad_out.data_ptr(), q=q.data_ptr(), k=k.data_ptr(), v=v.data_ptr(), out=out.data_ptr(),
-        lse=lse.contiguous().data_ptr(), grad_q=grad_q.data_ptr(), grad_k=grad_k.data_ptr(),
-        grad_v=grad_v.data_ptr(), batch=b, heads=h, len_q=lq, len_k=k.shape[2], head_dim=d,
-        grad_out_stride=_strides(grad_out), q_stride=_strides(q), k_stride=_strides(k), v_stride=_strides(v),
-        scale=scale, dtype=_NATIVE_DTYPES[q.dtype], num_threads=torch.get_num_threads())
-    return grad_q, grad_k, grad_v
+    return TABLE.run("bwd", TABLE.call_for(q), grad_out, q, k, v, out, lse, scale)
 
 
 @_attention_bwd.register_fake
@@ -175,8 +195,9 @@ _attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float] = None) -> torch.Tensor:
     """softmax(scale * q k^T) v over the last two dims; q (B, H, Lq, D), k, v (B, H, Lk, D).
 
-    Native kernel for fp32 and bf16 CPU tensors (8 <= D <= 256); other dtypes and devices
-    run the pure-torch reference. Any strides; the kernel reads a dense head dim in place.
+    The kernel is chosen by the op's table (fastdiff/ops/_backend.py): native for fp32 and bf16
+    CPU tensors, Triton for fp32/fp16/bf16 CUDA tensors, the pure-torch reference for the rest.
+    Any strides; the kernels read a dense head dim in place.
     """
     _check_attention_inputs(q, k, v, scale)
     if scale is None:

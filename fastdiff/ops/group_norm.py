@@ -18,8 +18,8 @@ from typing import Optional, Tuple
 import torch
 
 from fastdiff.ops import _backend
-
-_NATIVE_DTYPES = {torch.float32: 0, torch.bfloat16: 1}  # csrc StorageType
+from fastdiff.triton_kernels import cuda_native
+from fastdiff.triton_kernels._common import channels_last_3d, dense_affine, empty_in_layout, stats_dtype
 
 
 # --------------------------------------------------------------------------- checks
@@ -106,37 +106,81 @@ def group_norm_silu_backward_reference(grad_y: torch.Tensor, x: torch.Tensor, nu
     return grad_x.reshape(x.shape), grad_weight, grad_bias
 
 
-# --------------------------------------------------------------------------- layout
-def _layout(x3: torch.Tensor) -> Optional[bool]:
-    """For a (N, C, S) tensor: False if NCS-dense, True if NSC-dense, None otherwise."""
-    if x3.is_contiguous():
-        return False
-    if x3.transpose(1, 2).is_contiguous():
-        return True
-    return None
+# --------------------------------------------------------------------------- kernels
+def _reference_fwd(x, weight, bias, num_groups, eps, act):
+    y, mean, rstd = group_norm_silu_reference(x, num_groups, weight, bias, eps, act)
+    stats = stats_dtype(x.dtype)
+    return empty_in_layout(x).copy_(y), mean.to(stats).contiguous(), rstd.to(stats).contiguous()
 
 
-def _empty_in_layout(x3: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    if _layout(x3):
-        return torch.empty((x3.shape[0], x3.shape[2], x3.shape[1]), dtype=dtype, device=x3.device).transpose(1, 2)
-    return torch.empty(x3.shape, dtype=dtype, device=x3.device)
+def _reference_bwd(grad_y, x, weight, bias, mean, rstd, num_groups, eps, act):
+    gx, gw, gb = group_norm_silu_backward_reference(grad_y, x, num_groups, weight, bias, mean, rstd, act)
+    stats = stats_dtype(x.dtype)
+    return empty_in_layout(x).copy_(gx), gw.to(stats).contiguous(), gb.to(stats).contiguous()
 
 
-def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+def _native_fwd(x, weight, bias, num_groups, eps, act):
+    lib = _backend.native_lib
+    n, c, s = x.shape
+    y = empty_in_layout(x)
+    mean = torch.empty((n, num_groups), dtype=torch.float32)
+    rstd = torch.empty((n, num_groups), dtype=torch.float32)
+    w = dense_affine(weight, c, 1.0, x)
+    b = dense_affine(bias, c, 0.0, x)
+    lib.group_norm_silu_forward(
+        x=x.data_ptr(), weight=w.data_ptr(), bias=b.data_ptr(), y=y.data_ptr(), mean=mean.data_ptr(),
+        rstd=rstd.data_ptr(), batch=n, channels=c, spatial=s, groups=num_groups, eps=float(eps),
+        channels_last=bool(channels_last_3d(x)), act=act, dtype=_backend.dtype_code(lib, x.dtype),
+        num_threads=torch.get_num_threads())
+    return y, mean, rstd
 
 
-def _affine(t: Optional[torch.Tensor], channels: int, fill: float, like: torch.Tensor,
-            dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """weight or bias as a dense (C,) tensor of `dtype`; `fill` stands in for None."""
-    if t is None:
-        return torch.full((channels,), fill, dtype=dtype, device=like.device)
-    return t.detach().to(dtype).contiguous()
+def _native_bwd(grad_y, x, weight, bias, mean, rstd, num_groups, eps, act):
+    lib = _backend.native_lib
+    n, c, s = x.shape
+    if channels_last_3d(grad_y) != channels_last_3d(x) or grad_y.dtype != x.dtype:
+        grad_y = empty_in_layout(x).copy_(grad_y)  # the kernel reads both in x's layout
+    grad_x = empty_in_layout(x)
+    grad_w = torch.empty((c,), dtype=torch.float32)
+    grad_b = torch.empty((c,), dtype=torch.float32)
+    w = dense_affine(weight, c, 1.0, x)
+    b = dense_affine(bias, c, 0.0, x)
+    lib.group_norm_silu_backward(
+        grad_y=grad_y.data_ptr(), x=x.data_ptr(), weight=w.data_ptr(), bias=b.data_ptr(),
+        mean=mean.data_ptr(), rstd=rstd.data_ptr(), grad_x=grad_x.data_ptr(), grad_weight=grad_w.data_ptr(),
+        grad_bias=grad_b.data_ptr(), batch=n, channels=c, spatial=s, groups=num_groups,
+        channels_last=bool(channels_last_3d(x)), act=act, dtype=_backend.dtype_code(lib, x.dtype),
+        num_threads=torch.get_num_threads())
+    return grad_x, grad_w, grad_b
 
 
-def _use_native(x3: torch.Tensor) -> bool:
-    backend = _backend.resolve(x3.device, "group_norm_silu")
-    return backend == "native" and x3.dtype in _NATIVE_DTYPES
+def _triton_fwd(*args):
+    from fastdiff.triton_kernels.group_norm_silu import group_norm_silu_fwd_triton
+    return group_norm_silu_fwd_triton(*args)
+
+
+def _triton_bwd(*args):
+    from fastdiff.triton_kernels.group_norm_silu import group_norm_silu_bwd_triton
+    return group_norm_silu_bwd_triton(*args)
+
+
+def _cuda_fwd(x, *args):
+    return cuda_native.group_norm_silu_fwd_cuda(x, *args, _lib=_backend.cuda_module_for(x.device))
+
+
+def _cuda_bwd(grad_y, x, *args):
+    return cuda_native.group_norm_silu_bwd_cuda(grad_y, x, *args, _lib=_backend.cuda_module_for(x.device))
+
+
+TABLE = _backend.register_table(_backend.OpTable(
+    "group_norm_silu", auto={"cpu": ("native",), "cuda": ("cuda", "triton")}))
+TABLE.register("reference", fwd=_reference_fwd, bwd=_reference_bwd)
+TABLE.register("native", devices=("cpu",), dtypes=(torch.float32, torch.bfloat16), fwd=_native_fwd, bwd=_native_bwd)
+TABLE.register("triton", devices=("cuda", "cpu"), dtypes=(torch.float32, torch.float16, torch.bfloat16, torch.float64),
+               fwd=_triton_fwd, bwd=_triton_bwd)
+# float64 is not a CUDA C++ case (fp32 statistics): refused here, and by the binding
+TABLE.register("cuda", devices=("cuda", "cpu"), dtypes=(torch.float32, torch.float16, torch.bfloat16),
+               fwd=_cuda_fwd, bwd=_cuda_bwd)
 
 
 # --------------------------------------------------------------------------- forward op
@@ -144,33 +188,14 @@ def _use_native(x3: torch.Tensor) -> bool:
 def _group_norm_silu_fwd(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                          num_groups: int, eps: float, act: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x: (N, C, S), NCS- or NSC-dense. Returns y (x's layout), mean and rstd (N, G)."""
-    n, c, s = x.shape
-    if _backend.resolve(x.device, "group_norm_silu", has_triton_kernel=True) == "triton":
-        from fastdiff.triton_kernels.group_norm_silu import group_norm_silu_fwd_triton
-        return group_norm_silu_fwd_triton(x, weight, bias, num_groups, eps, act)
-    if not _use_native(x):
-        y, mean, rstd = group_norm_silu_reference(x, num_groups, weight, bias, eps, act)
-        out = _empty_in_layout(x, x.dtype)
-        out.copy_(y)
-        return out, mean.to(_stats_dtype(x.dtype)).contiguous(), rstd.to(_stats_dtype(x.dtype)).contiguous()
-    y = _empty_in_layout(x, x.dtype)
-    mean = torch.empty((n, num_groups), dtype=torch.float32)
-    rstd = torch.empty((n, num_groups), dtype=torch.float32)
-    w = _affine(weight, c, 1.0, x)
-    b = _affine(bias, c, 0.0, x)
-    _backend.native_lib.group_norm_silu_forward(
-        x=x.data_ptr(), weight=w.data_ptr(), bias=b.data_ptr(), y=y.data_ptr(), mean=mean.data_ptr(),
-        rstd=rstd.data_ptr(), batch=n, channels=c, spatial=s, groups=num_groups, eps=float(eps),
-        channels_last=bool(_layout(x)), act=act, dtype=_NATIVE_DTYPES[x.dtype],
-        num_threads=torch.get_num_threads())
-    return y, mean, rstd
+    return TABLE.run("fwd", TABLE.call_for(x), x, weight, bias, num_groups, eps, act)
 
 
 @_group_norm_silu_fwd.register_fake
 def _(x, weight, bias, num_groups, eps, act):
     n = x.shape[0]
-    stats = _stats_dtype(x.dtype)
-    return (_empty_in_layout(x, x.dtype), x.new_empty((n, num_groups), dtype=stats),
+    stats = stats_dtype(x.dtype)
+    return (empty_in_layout(x), x.new_empty((n, num_groups), dtype=stats),
             x.new_empty((n, num_groups), dtype=stats))
 
 
@@ -181,36 +206,14 @@ def _group_norm_silu_bwd(grad_y: torch.Tensor, x: torch.Tensor, weight: Optional
                          eps: float, act: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (grad_x in x's layout, grad_weight (C,), grad_bias (C,)), the latter two in fp32
     (float64 for float64 x) whether or not the op has an affine."""
-    n, c, s = x.shape
-    if _backend.resolve(x.device, "group_norm_silu", has_triton_kernel=True) == "triton":
-        from fastdiff.triton_kernels.group_norm_silu import group_norm_silu_bwd_triton
-        return group_norm_silu_bwd_triton(grad_y, x, weight, bias, mean, rstd, num_groups, eps, act)
-    if not _use_native(x):
-        gx, gw, gb = group_norm_silu_backward_reference(grad_y, x, num_groups, weight, bias, mean, rstd, act)
-        out = _empty_in_layout(x, x.dtype)
-        out.copy_(gx)
-        return out, gw.to(_stats_dtype(x.dtype)).contiguous(), gb.to(_stats_dtype(x.dtype)).contiguous()
-    if _layout(grad_y) != _layout(x) or grad_y.dtype != x.dtype:  # the kernel reads both in x's layout
-        grad_y = _empty_in_layout(x, x.dtype).copy_(grad_y)
-    grad_x = _empty_in_layout(x, x.dtype)
-    grad_w = torch.empty((c,), dtype=torch.float32)
-    grad_b = torch.empty((c,), dtype=torch.float32)
-    w = _affine(weight, c, 1.0, x)
-    b = _affine(bias, c, 0.0, x)
-    _backend.native_lib.group_norm_silu_backward(
-        grad_y=grad_y.data_ptr(), x=x.data_ptr(), weight=w.data_ptr(), bias=b.data_ptr(),
-        mean=mean.data_ptr(), rstd=rstd.data_ptr(), grad_x=grad_x.data_ptr(), grad_weight=grad_w.data_ptr(),
-        grad_bias=grad_b.data_ptr(), batch=n, channels=c, spatial=s, groups=num_groups,
-        channels_last=bool(_layout(x)), act=act, dtype=_NATIVE_DTYPES[x.dtype],
-        num_threads=torch.get_num_threads())
-    return grad_x, grad_w, grad_b
+    return TABLE.run("bwd", TABLE.call_for(x), grad_y, x, weight, bias, mean, rstd, num_groups, eps, act)
 
 
 @_group_norm_silu_bwd.register_fake
 def _(grad_y, x, weight, bias, mean, rstd, num_groups, eps, act):
     c = x.shape[1]
-    stats = _stats_dtype(x.dtype)
-    return _empty_in_layout(x, x.dtype), x.new_empty((c,), dtype=stats), x.new_empty((c,), dtype=stats)
+    stats = stats_dtype(x.dtype)
+    return empty_in_layout(x), x.new_empty((c,), dtype=stats), x.new_empty((c,), dtype=stats)
 
 
 def _setup_context(ctx, inputs, output):
@@ -238,15 +241,16 @@ def group_norm_silu(x: torch.Tensor, num_groups: int, weight: Optional[torch.Ten
     """silu(group_norm(x, num_groups, weight, bias, eps)), or without the SiLU if act=False.
 
     x: (N, C, *spatial) — (N, C), (N, C, L), (N, C, H, W), ... — contiguous or
-    channels_last; y keeps x's layout and dtype. Native kernel for fp32 and bf16 CPU
-    tensors; other dtypes and devices run the pure-torch reference.
+    channels_last; y keeps x's layout and dtype. The kernel is chosen by the op's table
+    (fastdiff/ops/_backend.py): native for fp32 and bf16 CPU tensors, CUDA C++ then Triton for
+    CUDA tensors, the pure-torch reference for the rest.
     """
     _check_group_norm_inputs(x, num_groups, weight, bias, eps)
     if x.dim() == 2:
         x3 = x.unsqueeze(-1)
     else:
         x3 = x.flatten(2)  # a view for NCHW and channels_last (their spatial dims collapse)
-    if _layout(x3) is None:
+    if channels_last_3d(x3) is None:
         x3 = x3.contiguous()
     y3, _, _ = _group_norm_silu_fwd(x3, weight, bias, num_groups, float(eps), bool(act))
     if x.dim() == 2:

@@ -20,9 +20,9 @@ import torch
 
 from fastdiff.ops import _backend
 from fastdiff.ops.philox import INITIAL_NOISE_STEP, MASK32, philox_normal_reference
+from fastdiff.triton_kernels import cuda_native
 
 VARIANCE_MODES = {"fixed": 0, "learned": 1, "learned_range": 2}
-_NATIVE_DTYPES = {torch.float32: 0, torch.float64: 1}
 _MAX_SEED = 2**63 - 1
 
 
@@ -110,7 +110,7 @@ def sampler_step_reference(x_t: torch.Tensor, model_output: torch.Tensor, coefs:
     return result.to(x_t.dtype)
 
 
-# --------------------------------------------------------------------------- native
+# --------------------------------------------------------------------------- kernels
 def _samples_contiguous(t: torch.Tensor) -> bool:
     """Each sample t[i] is one dense row-major block (the batch stride may be larger)."""
     expected = 1
@@ -120,11 +120,25 @@ def _samples_contiguous(t: torch.Tensor) -> bool:
         expected *= size
     return t.shape[0] <= 1 or t.stride(0) >= expected
 
-def _sampler_step_native(x_t, model_output, coefs, seed, step, sample_offset, clip_denoised, variance_mode,
-                         out=None):
-    """The C++ kernel; writes `out` when given (it may be x_t itself: the update is
-    elementwise, each element read before it is written)."""
-    compute_dtype = x_t.dtype if x_t.dtype in _NATIVE_DTYPES else torch.float32
+
+def _finish(y: torch.Tensor, out: Optional[torch.Tensor]) -> torch.Tensor:
+    """Return y, or copy it into `out` (unless the kernel already wrote there) and return out."""
+    if out is None or out is y:
+        return y if out is None else out
+    out.copy_(y)
+    return out
+
+
+def _reference_step(x_t, model_output, coefs, seed, step, sample_offset, clip_denoised, variance_mode, out=None):
+    return _finish(sampler_step_reference(x_t, model_output, coefs, seed, step, sample_offset, clip_denoised,
+                                          variance_mode).contiguous(), out)
+
+
+def _native_step(x_t, model_output, coefs, seed, step, sample_offset, clip_denoised, variance_mode, out=None):
+    """The C++ kernel (fp32 / fp64; fp16 and bf16 through an fp32 copy); writes `out` when given
+    (it may be x_t itself: the update is elementwise, each element read before it is written)."""
+    lib = _backend.native_lib
+    compute_dtype = torch.float64 if x_t.dtype == torch.float64 else torch.float32
     x = x_t.to(compute_dtype).contiguous()
     mo = model_output.to(compute_dtype)
     if not (variance_mode == 0 and _samples_contiguous(mo)):
@@ -135,30 +149,76 @@ def _sampler_step_native(x_t, model_output, coefs, seed, step, sample_offset, cl
     numel = x[0].numel() if batch else 0
     if batch and numel:
         a1, a2, c1, c2, sigma, min_log, max_log = coefs
-        _backend.native_lib.sampler_step(
+        lib.sampler_step(
             x=x.data_ptr(), model_output=mo.data_ptr(), y=y.data_ptr(), batch=batch, numel_per_sample=numel,
             output_sample_stride=mo.stride(0) if variance_mode == 0 else mo[0].numel(),
             a1=a1, a2=a2, c1=c1, c2=c2, sigma=sigma, min_log=min_log, max_log=max_log, seed=seed, step=step,
             sample_offset=sample_offset, clip=clip_denoised, variance_mode=variance_mode,
-            dtype=_NATIVE_DTYPES[compute_dtype], num_threads=torch.get_num_threads())
+            dtype=_backend.dtype_code(lib, compute_dtype), num_threads=torch.get_num_threads())
     if out is None:
         return y.to(x_t.dtype)
-    if not direct:
-        out.copy_(y)
-    return out
+    return _finish(y, out)
 
 
-# --------------------------------------------------------------------------- custom op
+def _triton_module():
+    from fastdiff.triton_kernels import sampler_step as triton_module  # imports Triton: only when chosen
+    return triton_module
+
+
+def _triton_step(x_t, model_output, coefs, seed, step, sample_offset, clip_denoised, variance_mode, out=None):
+    return _triton_module().sampler_step_triton(x_t, model_output, coefs, seed, step, sample_offset,
+                                                clip_denoised, variance_mode, out=out)
+
+
+def _cuda_step(x_t, model_output, coefs, seed, step, sample_offset, clip_denoised, variance_mode, out=None):
+    y = cuda_native.sampler_step_cuda(x_t, model_output, coefs, seed, step, sample_offset, clip_denoised,
+                                      variance_mode, _lib=_backend.cuda_module_for(x_t.device))
+    return _finish(y, out)
+
+
+def _host_index(coef_table: torch.Tensor, step_index: torch.Tensor) -> Tuple[int, List[float]]:
+    """Reference and CPU kernel: read the step index on the host (free for CPU tensors) and check it."""
+    index = int(step_index.item())
+    if not 0 <= index < coef_table.shape[0]:
+        raise IndexError(f"step_index {index} is outside the coefficient table's {coef_table.shape[0]} rows")
+    return index, [float(v) for v in coef_table[index].tolist()]
+
+
+def _host_table_step(step_fn):
+    def run(x_t, model_output, coef_table, step_index, seed, sample_offset, clip_denoised, variance_mode):
+        index, coefs = _host_index(coef_table, step_index)
+        return step_fn(x_t, model_output, coefs, seed, index, sample_offset, clip_denoised, variance_mode)
+    return run
+
+
+def _triton_table_step(x_t, model_output, coef_table, step_index, seed, sample_offset, clip_denoised,
+                       variance_mode):
+    return _triton_module().sampler_step_table_triton(x_t, model_output, coef_table, step_index, seed,
+                                                      sample_offset, clip_denoised, variance_mode)
+
+
+def _cuda_table_step(x_t, model_output, coef_table, step_index, seed, sample_offset, clip_denoised,
+                     variance_mode):
+    return cuda_native.sampler_step_table_cuda(x_t, model_output, coef_table, step_index, seed, sample_offset,
+                                               clip_denoised, variance_mode,
+                                               _lib=_backend.cuda_module_for(x_t.device))
+
+
+_FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+TABLE = _backend.register_table(_backend.OpTable(
+    "sampler_step", auto={"cpu": ("native",), "cuda": ("cuda", "triton")}))
+TABLE.register("reference", step=_reference_step, table=_host_table_step(_reference_step))
+TABLE.register("native", devices=("cpu",), dtypes=_FLOATS, step=_native_step, table=_host_table_step(_native_step))
+TABLE.register("triton", devices=("cuda", "cpu"), dtypes=_FLOATS, step=_triton_step, table=_triton_table_step)
+TABLE.register("cuda", devices=("cuda", "cpu"), dtypes=_FLOATS, step=_cuda_step, table=_cuda_table_step)
+
+
+# --------------------------------------------------------------------------- custom ops
 @torch.library.custom_op("fastdiff::sampler_step", mutates_args=())
 def _sampler_step_op(x_t: torch.Tensor, model_output: torch.Tensor, coefs: List[float], seed: int,
                      step: int, sample_offset: int, clip_denoised: bool, variance_mode: int) -> torch.Tensor:
-    backend = _backend.resolve(x_t.device, "sampler_step", has_triton_kernel=lambda: _triton_impl() is not None)
-    args = (x_t, model_output, coefs, seed, step, sample_offset, clip_denoised, variance_mode)
-    if backend == "native":
-        return _sampler_step_native(*args)
-    if backend == "triton":
-        return _triton_impl()(*args)
-    return sampler_step_reference(*args).contiguous()
+    return TABLE.run("step", TABLE.call_for(x_t), x_t, model_output, coefs, seed, step, sample_offset,
+                     clip_denoised, variance_mode)
 
 
 @_sampler_step_op.register_fake
@@ -172,27 +232,8 @@ def _sampler_step_out_op(x_t: torch.Tensor, model_output: torch.Tensor, coefs: L
                          out: torch.Tensor) -> None:
     """`fastdiff::sampler_step` writing into `out` (which may be x_t): no allocation, no
     first-touch page faults of a fresh output on every step."""
-    backend = _backend.resolve(x_t.device, "sampler_step", has_triton_kernel=lambda: _triton_impl() is not None)
-    args = (x_t, model_output, coefs, seed, step, sample_offset, clip_denoised, variance_mode)
-    if backend == "native":
-        _sampler_step_native(*args, out=out)
-    elif backend == "triton":
-        _triton_impl()(*args, out=out)
-    else:
-        out.copy_(sampler_step_reference(*args))
-
-
-def _triton_module():
-    try:
-        from fastdiff.triton_kernels import sampler_step as triton_module  # type: ignore
-    except ImportError:
-        return None
-    return triton_module
-
-
-def _triton_impl():
-    """The Triton launcher, once the GPU path provides one (issue: GPU path)."""
-    return getattr(_triton_module(), "sampler_step_triton", None)
+    TABLE.run("step", TABLE.call_for(x_t), x_t, model_output, coefs, seed, step, sample_offset, clip_denoised,
+              variance_mode, out=out)
 
 
 def sampler_step(x_t: torch.Tensor, model_output: torch.Tensor, coefs: StepCoefficients, *, seed: int,
@@ -231,29 +272,14 @@ def _sampler_step_table_op(x_t: torch.Tensor, model_output: torch.Tensor, coef_t
                            step_index: torch.Tensor, seed: int, sample_offset: int, clip_denoised: bool,
                            variance_mode: int) -> torch.Tensor:
     """`fastdiff::sampler_step` with coefficients coef_table[i] and noise step i, i = step_index
-    read on the device: a CUDA graph captures it once and replays it for every step."""
-    backend = _backend.resolve(x_t.device, "sampler_step_table", has_triton_kernel=lambda: _triton_table_impl() is not None)
-    if backend == "triton":
-        return _triton_table_impl()(x_t, model_output, coef_table, step_index, seed, sample_offset,
-                                    clip_denoised, variance_mode)
-    # Reference and CPU kernel: read the index on the host (free for CPU tensors).
-    index = int(step_index.item())
-    if not 0 <= index < coef_table.shape[0]:
-        raise IndexError(f"step_index {index} is outside the coefficient table's {coef_table.shape[0]} rows")
-    coefs = [float(v) for v in coef_table[index].tolist()]
-    args = (x_t, model_output, coefs, seed, index, sample_offset, clip_denoised, variance_mode)
-    if backend == "native":
-        return _sampler_step_native(*args)
-    return sampler_step_reference(*args).contiguous()
+    read on the device (Triton, CUDA): a CUDA graph captures it once and replays it for every step."""
+    return TABLE.run("table", TABLE.call_for(x_t), x_t, model_output, coef_table, step_index, seed, sample_offset,
+                     clip_denoised, variance_mode)
 
 
 @_sampler_step_table_op.register_fake
 def _(x_t, model_output, coef_table, step_index, seed, sample_offset, clip_denoised, variance_mode):
     return torch.empty_like(x_t, memory_format=torch.contiguous_format)
-
-
-def _triton_table_impl():
-    return getattr(_triton_module(), "sampler_step_table_triton", None)
 
 
 def sampler_step_table(x_t: torch.Tensor, model_output: torch.Tensor, coef_table: torch.Tensor,
@@ -301,15 +327,37 @@ def randn(shape: Tuple[int, ...], *, seed: int, step: int = INITIAL_NOISE_STEP, 
     numel = 1
     for s in shape[1:]:
         numel *= s
-    backend = _backend.resolve(device, "randn",
-                               has_triton_kernel=lambda: hasattr(_triton_module(), "randn_triton"))
-    if backend == "triton":
-        return _triton_module().randn_triton(shape, seed, step, sample_offset, dtype, device)
-    if backend == "native" and dtype in _NATIVE_DTYPES and batch * numel:
-        y = torch.empty(shape, dtype=dtype)
-        _backend.native_lib.philox_normal(y=y.data_ptr(), batch=batch, numel_per_sample=numel, seed=seed,
-                                          step=step, sample_offset=sample_offset,
-                                          dtype=_NATIVE_DTYPES[dtype], num_threads=torch.get_num_threads())
-        return y
+    return RANDN_TABLE.run("randn", _backend.Call(device, dtype), shape, batch, numel, seed, step, sample_offset,
+                           dtype, device)
+
+
+def _reference_randn(shape, batch, numel, seed, step, sample_offset, dtype, device):
     z = philox_normal_reference(batch, numel, seed=seed, step=step, sample_offset=sample_offset, device=device)
     return z.reshape(shape).to(dtype)
+
+
+def _native_randn(shape, batch, numel, seed, step, sample_offset, dtype, device):
+    y = torch.empty(shape, dtype=dtype)
+    if batch * numel:
+        lib = _backend.native_lib
+        lib.philox_normal(y=y.data_ptr(), batch=batch, numel_per_sample=numel, seed=seed, step=step,
+                          sample_offset=sample_offset, dtype=_backend.dtype_code(lib, dtype),
+                          num_threads=torch.get_num_threads())
+    return y
+
+
+def _triton_randn(shape, batch, numel, seed, step, sample_offset, dtype, device):
+    return _triton_module().randn_triton(shape, seed, step, sample_offset, dtype, device)
+
+
+def _cuda_randn(shape, batch, numel, seed, step, sample_offset, dtype, device):
+    return cuda_native.randn_cuda(shape, seed, step, sample_offset, dtype, device,
+                                  _lib=_backend.cuda_module_for(device))
+
+
+RANDN_TABLE = _backend.register_table(_backend.OpTable(
+    "randn", auto={"cpu": ("native",), "cuda": ("cuda", "triton")}))
+RANDN_TABLE.register("reference", randn=_reference_randn)
+RANDN_TABLE.register("native", devices=("cpu",), dtypes=(torch.float32, torch.float64), randn=_native_randn)
+RANDN_TABLE.register("triton", devices=("cuda", "cpu"), dtypes=_FLOATS, randn=_triton_randn)
+RANDN_TABLE.register("cuda", devices=("cuda", "cpu"), dtypes=_FLOATS, randn=_cuda_randn)

@@ -60,7 +60,7 @@ int main() {
                                {3, 4095}, {2, 4097}, {1, 8193}, {9, 3 * 17 * 19}};
   for (const auto& s : shapes)
     for (int mode = 0; mode < 3; ++mode)
-      for (int dtype = 0; dtype < 2; ++dtype)
+      for (int dtype : {int(kFloat32), int(kFloat64)})
         for (int threads : {1, 2})
           for (double sigma : {0.0, 0.5}) run(s[0], s[1], mode, mode == 1, sigma, dtype, threads);
   std::printf("ok\n");
