@@ -1,19 +1,21 @@
-"""`fastdiff reproduce`: the quick run end to end, its statistics helpers against scipy and
-independent estimates, and its argument errors."""
+"""`fastdiff reproduce`: the quick run end to end, its statistics helpers against closed forms
+and independent estimates (never against the scipy calls they wrap), and its argument errors."""
+import math
 import re
+import statistics
 import sys
 import time
+from statistics import NormalDist
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
-from scipy import stats
 
 from fastdiff.cli import main
 from fastdiff.metrics import fid_from_features
-from fastdiff.experiments.reproduce import (EXPERIMENTS, QUICK, Run, bootstrap_fid, mmd2_to_mixture, normal_bootstrap_interval,
-                                t_interval)
+from fastdiff.experiments.reproduce import (EXPERIMENTS, QUICK, Run, bootstrap_fid, mmd2_to_mixture,
+                                           normal_bootstrap_interval, t_interval)
 from fastdiff.testing import GaussianMixture
 
 pytest.importorskip("matplotlib")
@@ -97,15 +99,38 @@ def test_without_matplotlib_it_says_how_to_install_it(tmp_path, monkeypatch, cap
 
 
 # --------------------------------------------------------------------------- statistics
-@pytest.mark.parametrize("n", [2, 5, 40])
-def test_t_interval_matches_scipy(n):
+def _t_quantile_closed_form(p: float, df: int) -> float:
+    """The Student-t quantile in closed form, where one exists in elementary functions:
+    df = 1 is the Cauchy law, tan(π(p − 1/2)); df = 2, (2p − 1)/√(2p(1 − p)); df = 4,
+    sign(p − 1/2)·2√(q − 1) with α = 4p(1 − p), q = cos(arccos(√α)/3)/√α (Shaw 2006)."""
+    if df == 1:
+        return math.tan(math.pi * (p - 0.5))
+    if df == 2:
+        return (2 * p - 1) / math.sqrt(2 * p * (1 - p))
+    if df == 4:
+        a = 4 * p * (1 - p)
+        q = math.cos(math.acos(math.sqrt(a)) / 3) / math.sqrt(a)
+        return math.copysign(2 * math.sqrt(q - 1), p - 0.5)
+    raise ValueError(df)
+
+
+@pytest.mark.parametrize("n", [2, 3, 5])
+@pytest.mark.parametrize("confidence", [0.5, 0.9, 0.95, 0.99])
+def test_t_interval_is_mean_plus_minus_the_closed_form_t_quantile(n, confidence):
     x = np.random.default_rng(n).normal(3.0, 2.0, n)
-    mean, lo, hi = t_interval(x)
-    ref_lo, ref_hi = stats.t.interval(0.95, n - 1, loc=x.mean(), scale=stats.sem(x))
-    assert mean == pytest.approx(x.mean())
-    assert (lo, hi) == pytest.approx((ref_lo, ref_hi), rel=1e-12)
-    lo90, hi90 = t_interval(x, 0.9)[1:]
-    assert lo < lo90 < hi90 < hi
+    mean, lo, hi = t_interval(x, confidence)
+    # the truth by hand: sample mean, sample sd with n - 1, the t quantile in closed form
+    m = sum(x) / n
+    sd = math.sqrt(sum((v - m) ** 2 for v in x) / (n - 1))
+    half = _t_quantile_closed_form(0.5 + confidence / 2, n - 1) * sd / math.sqrt(n)
+    assert mean == pytest.approx(m, rel=1e-12)
+    assert (lo, hi) == pytest.approx((m - half, m + half), rel=1e-9)
+
+
+def test_closed_form_t_quantiles_are_right():
+    """The test's own truth, on textbook table values (two-sided 95%: 12.706, 4.303, 2.776)."""
+    assert [round(_t_quantile_closed_form(0.975, df), 3) for df in (1, 2, 4)] == [12.706, 4.303, 2.776]
+    assert _t_quantile_closed_form(0.025, 4) == pytest.approx(-2.776, abs=1e-3)
 
 
 def test_t_interval_covers_the_mean_95_percent_of_the_time():
@@ -128,9 +153,17 @@ def test_normal_bootstrap_interval_of_a_mean_matches_the_normal_theory_interval(
     x = rng.exponential(2.0, 2000)
     reps = [x[rng.integers(0, len(x), len(x))].mean() for _ in range(2000)]
     lo, hi = normal_bootstrap_interval(x.mean(), reps)
-    half = stats.norm.ppf(0.975) * x.std(ddof=1) / np.sqrt(len(x))
+    half = NormalDist().inv_cdf(0.975) * x.std(ddof=1) / np.sqrt(len(x))
     assert (hi - lo) / 2 == pytest.approx(half, rel=0.08)
     assert (lo + hi) / 2 == pytest.approx(x.mean())
+
+
+def test_normal_bootstrap_interval_is_point_plus_minus_z_standard_errors():
+    reps = np.random.default_rng(3).gamma(2.0, 1.5, 50)
+    for confidence in (0.8, 0.95):
+        lo, hi = normal_bootstrap_interval(5.0, reps, confidence)
+        half = NormalDist().inv_cdf(0.5 + confidence / 2) * statistics.stdev(reps.tolist())
+        assert (lo, hi) == pytest.approx((5.0 - half, 5.0 + half), rel=1e-12)
 
 
 def test_bootstrap_fid_point_is_the_fid_and_paired_differences_cancel():
