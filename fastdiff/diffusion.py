@@ -1,8 +1,8 @@
 """Gaussian diffusion: forward process, posteriors, reverse-process parameterisations,
 losses and the variational bound (Ho et al. 2020; Nichol & Dhariwal 2021).
 
-Equation numbers refer to ../shared/reference/thesis-diffusion-models-in-depth.md (with
-DESIGN.md's errata). Code index t = 0..T-1 is the papers' t = 1..T.
+Equation numbers refer to the thesis *Diffusion models in depth* (its errata are listed in
+docs/design.md). Code index t = 0..T-1 is the papers' t = 1..T.
 """
 from __future__ import annotations
 

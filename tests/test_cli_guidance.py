@@ -1,8 +1,13 @@
 """Guidance on the command line: train-classifier, sample --class/--guidance-scale/--classifier."""
 import numpy as np
 import pytest
+import torch
 
+import fastdiff
 from fastdiff.cli import main
+from fastdiff.data import to_uint8
+from fastdiff.train import load_checkpoint
+from fastdiff.train.classifier import load_classifier
 
 
 @pytest.fixture(scope="module")
@@ -32,6 +37,13 @@ def test_classifier_guidance_from_the_cli(runs):
                  "--classifier-scale", "2", "--out", str(out), "--no-progress"]) == 0
     saved = np.load(out.with_suffix(".npz"))
     assert saved["labels"].tolist() == [0, 1, 2, 3]  # cycles through the classifier's classes
+    # the images are the API's classifier-guided samples, and the classifier moved them
+    model, _ = load_checkpoint(runs / "uncond")
+    kw = dict(n=4, steps=4, seed=0, y=torch.tensor([0, 1, 2, 3]))
+    guided = fastdiff.sample(model, classifier=load_classifier(runs / "clf"), classifier_scale=2.0, **kw)
+    assert np.array_equal(saved["images"], to_uint8(guided).permute(0, 2, 3, 1).numpy())
+    plain = fastdiff.sample(model, **kw)
+    assert not np.array_equal(saved["images"], to_uint8(plain).permute(0, 2, 3, 1).numpy())
 
 
 def test_guidance_usage_errors(runs, capsys):

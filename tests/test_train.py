@@ -236,3 +236,47 @@ def test_a_milestone_run_logs_the_dropped_rate(tmp_path):
     logged = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     rates = {e["step"]: e["lr"] for e in logged if "lr" in e}
     assert rates[0] == rates[1] == pytest.approx(1e-3) and rates[2] == rates[3] == pytest.approx(1e-4)
+
+
+def test_lr_milestone_given_on_resume_reproduces_one_run(tmp_path):
+    """The recipe of tests/data/shapes16-cfg: train, then --resume with a learning-rate drop added.
+    It must equal one run with the milestone from the start (it used to be ignored on resume:
+    the shipped model's config had been patched by hand to get it)."""
+    cfg = dict(FAST, lr=1e-2, save_every=2, sample_at_end=False)
+    one = train(TrainConfig(out=str(tmp_path / "one"), steps=4, lr_milestones=(3,), lr_gamma=0.01, **cfg))
+    train(TrainConfig(out=str(tmp_path / "two"), steps=2, **cfg))
+    two = train(TrainConfig(out=str(tmp_path / "two"), steps=4, resume=True, lr_milestones=(3,), lr_gamma=0.01,
+                            **cfg))
+    _assert_bitwise_equal(_weights(tmp_path / "one"), _weights(tmp_path / "two"))
+    assert read_checkpoint_record(tmp_path / "two")["config"]["lr_milestones"] == [3]
+    # and the drop matters: without it the weights differ
+    train(TrainConfig(out=str(tmp_path / "none"), steps=4, **cfg))
+    assert not torch.equal(_weights(tmp_path / "one")["model.conv_in.weight"],
+                           _weights(tmp_path / "none")["model.conv_in.weight"])
+    # a resume that does not mention them keeps the recorded milestones
+    again = train(TrainConfig(out=str(tmp_path / "two"), steps=5, resume=True, **cfg))
+    assert again.step == 5 and read_checkpoint_record(tmp_path / "two")["config"]["lr_milestones"] == [3]
+    assert one.step == two.step == 4
+
+
+def test_a_device_that_is_not_there_is_an_error(tmp_path, monkeypatch):
+    """--device cuda:0 without a GPU used to train on the CPU without a word."""
+    from fastdiff.cli import main
+    from fastdiff.errors import UserError
+    from fastdiff.runtime import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for name in ("cuda", "cuda:0"):
+        with pytest.raises(UserError, match="no CUDA GPU"):
+            resolve_device(name)
+    assert resolve_device("auto") == torch.device("cpu")
+    with pytest.raises(UserError, match="'gpu'"):
+        resolve_device("gpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(UserError, match="only 1 CUDA device"):
+        resolve_device("cuda:3")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    code = main(["train", "--data", "shapes", "--out", str(tmp_path / "r"), "--steps", "1", "--device", "cuda:0",
+                 "--dataset-size", "8", "--batch-size", "2", "--no-progress"])
+    assert code == 2 and not (tmp_path / "r" / CHECKPOINT_JSON).exists()

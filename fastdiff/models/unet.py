@@ -128,7 +128,7 @@ class UNet(nn.Module):
     learn_sigma / diffusion: 2C output channels when learn_sigma or diffusion.learned_variance;
         `diffusion` (a GaussianDiffusion) is carried for fastdiff.sample. Without one the model
         carries Ho et al.'s default: linear schedule, T=1000, eps prediction, and fixed_small
-        variance (learned_range when learn_sigma).
+        variance (learned_range, with the hybrid loss, when learn_sigma).
 
     default_guidance_scale: the classifier-free guidance w `fastdiff.sample(model, y=...)` uses
     when given none; 0 here, set from the training config when a trained model is loaded.
@@ -145,7 +145,8 @@ class UNet(nn.Module):
         super().__init__()
         if diffusion is None:
             diffusion = GaussianDiffusion(NoiseSchedule.linear(1000),
-                                          variance="learned_range" if learn_sigma else "fixed_small")
+                                          variance="learned_range" if learn_sigma else "fixed_small",
+                                          loss="hybrid" if learn_sigma else "simple")
         if not isinstance(diffusion, GaussianDiffusion):
             raise TypeError(f"diffusion must be a fastdiff.GaussianDiffusion, got {type(diffusion).__name__}")
         if diffusion.learned_variance:

@@ -1,6 +1,6 @@
 """How every fused op chooses its kernel: one table per op, one rule for all ops.
 
-Backends (DESIGN.md, "How a fused op is built"):
+Backends (docs/design.md, "How a fused op is built and chosen"):
 
     reference  pure torch, any device and dtype: the ground truth
     native     the C++ CPU core, fastdiff._C (CPU tensors)
