@@ -7,6 +7,11 @@ import time
 
 import torch
 
+#: FASTDIFF_BENCH_SMOKE=1: every benchmark runs on tiny sizes (with --benchmark-disable, once and
+#: untimed). CI runs this (bench/ci_smoke.sh) so that a benchmark that no longer runs fails CI;
+#: the figures come from full-size runs only.
+SMOKE = os.environ.get("FASTDIFF_BENCH_SMOKE") == "1"
+
 
 def _clock():
     """Wall time; CPU time in the one-thread mode (FASTDIFF_BENCH_THREADS=1), where the

@@ -24,6 +24,7 @@ import time
 import pytest
 import torch
 
+import _machine
 import fastdiff
 from fastdiff.models.unet import UNet
 
@@ -35,7 +36,9 @@ if os.environ.get("FASTDIFF_BENCH_THREADS") == "1":
 CASES = [("ddpm-cifar10", 8), ("small", 16)]
 PRECISIONS = ["fp32", "bf16-cl"]
 # DDIM steps actually timed per round (each is one model forward plus one fused step).
-TIMED_STEPS = {"ddpm-cifar10": 3, "small": 5}
+TIMED_STEPS = {"ddpm-cifar10": 3, "small": 5, "tiny": 2}
+if _machine.SMOKE:
+    CASES = [("tiny", 2)]
 ROUNDS = 3
 
 
