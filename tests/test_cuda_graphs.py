@@ -236,3 +236,64 @@ def test_captured_loops_are_cached_per_model_and_shape():
     del model, a
     gc.collect()
     assert len(cuda_graphs._cache) == 0  # the loops hold their model weakly: no leak through the cache
+
+
+# --------------------------------------------------------------------------- issue #18 §2, items 1 and 5
+def _settings(capture=True):
+    return dict(seed=0, sample_offset=0, clip_denoised=True, variance="fixed", mean_only=False, model_kwargs={},
+                split_output=lambda out, x: (out, None), capture=capture)
+
+
+def test_step_index_restored_after_a_run_and_never_out_of_range():
+    """A replay after `run()` used to read step index -1, -2, ... (index_select with a negative
+    index, coef_table[-k] in the kernel); the index now wraps back to S-1."""
+    model = _ToyModel()
+    x = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    coefs = [StepCoefficients(1.0, -0.1, 0.5, 0.5, 0.0)] * 4
+    loop = cuda_graphs._StaticLoop(model, x, 4, **_settings(capture=False))
+    loop.load(x, torch.tensor([0, 10, 20, 30]), coefficient_table(coefs))
+    loop.run(4)
+    assert int(loop.step_index) == 3
+    seen = []
+    for _ in range(6):  # replays beyond the run
+        loop.step()
+        seen.append(int(loop.step_index))
+    assert all(0 <= i < 4 for i in seen)
+    assert [int(t[0]) for t in model.calls[4:]] == [30, 20, 10, 0, 30, 20]
+
+
+class _Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 4)
+
+    def forward(self, x, t):
+        return self.lin(x)
+
+
+def test_graph_cache_follows_parameter_storage():
+    """A cached graph reads parameters by address: after model.half(); model.float() or
+    load_state_dict(assign=True) it must not be reused (it would read freed memory)."""
+    model = _Net()
+    x = torch.zeros(2, 3, 4, 4)
+    a = cuda_graphs._loop_for(model, x, 5, ("k",), **_settings())
+    assert cuda_graphs._loop_for(model, x, 5, ("k",), **_settings()) is a
+    model.half()
+    model.float()
+    b = cuda_graphs._loop_for(model, x, 5, ("k",), **_settings())
+    assert b is not a and len(cuda_graphs._cache[model]) == 1  # the stale graph is dropped
+    model.load_state_dict({k: v.clone() for k, v in model.state_dict().items()}, assign=True)
+    c = cuda_graphs._loop_for(model, x, 5, ("k",), **_settings())
+    assert c is not b and len(cuda_graphs._cache[model]) == 1
+    with torch.no_grad():  # in-place updates keep the addresses: the graph stays valid
+        model.lin.weight.add_(1.0)
+    assert cuda_graphs._loop_for(model, x, 5, ("k",), **_settings()) is c
+
+
+def test_graph_cache_is_bounded_per_model():
+    model = _Net()
+    x = torch.zeros(2, 3, 4, 4)
+    loops = [cuda_graphs._loop_for(model, x, 5, (f"kwargs {i}",), **_settings()) for i in range(10)]
+    assert len(cuda_graphs._cache[model]) == cuda_graphs.MAX_LOOPS_PER_MODEL
+    assert cuda_graphs._loop_for(model, x, 5, ("kwargs 9",), **_settings()) is loops[9]  # recent ones kept
+    assert cuda_graphs._loop_for(model, x, 5, ("kwargs 0",), **_settings()) is not loops[0]  # oldest evicted

@@ -4,15 +4,20 @@
 from step to step on the device, so one captured graph serves every step:
 
     static_x      (B, ...)   the current x_t, overwritten by each replay
-    step_index    ()  int64  the respaced index i, decremented by each replay
+    step_index    ()  int64  the respaced index i, decremented (mod S) by each replay: after the
+                             S steps of a run it is S-1 again, so no replay reads outside [0, S)
     timestep_map  (S,) int64 original timestep of index i (what the model is fed)
     coef_table    (S, 7) f64 the fused step's scalars of index i (`coefficient_table`)
 
 One replay = t = timestep_map[i] broadcast to (B,); out = model(static_x, t);
-static_x <- sampler_step_table(static_x, out, coef_table, i); i <- i - 1. The host only
+static_x <- sampler_step_table(static_x, out, coef_table, i); i <- (i - 1) mod S. The host only
 launches replays: no `.item()`, no host-side tensor creation, no synchronisation inside
 the loop. Graphs are cached per (model, shape, dtype, device, settings) and reused by later
-calls; the tables are copied into the captured buffers.
+calls; the tables are copied into the captured buffers. A graph reads the model's parameters
+by address, so the cache key holds each parameter's and buffer's identity and storage address
+(`model.half(); model.float()` or `load_state_dict(assign=True)` make a new key and drop the
+stale graphs), and each model keeps at most `MAX_LOOPS_PER_MODEL` graphs (least recently used
+evicted: each holds a memory pool).
 
 `compile="reduce-overhead"` (or any torch.compile mode) instead runs the same static-buffer
 loop with `torch.compile(model, mode=compile)`, letting torch's CUDA-graph trees capture the
@@ -23,6 +28,7 @@ loop's logic is tested on CPU by running it without capture (`_StaticLoop(captur
 """
 from __future__ import annotations
 
+import collections
 import weakref
 from typing import Callable, Dict, Optional, Sequence
 
@@ -52,6 +58,7 @@ class _StaticLoop:
         self.step_index = torch.zeros((), dtype=torch.int64, device=device)
         self.timestep_map = torch.zeros((steps,), dtype=torch.int64, device=device)
         self.coef_table = torch.zeros((steps, 7), dtype=torch.float64, device=device)
+        self.steps = steps
         self.graph: Optional["torch.cuda.CUDAGraph"] = None
         self.capture = capture
 
@@ -65,7 +72,9 @@ class _StaticLoop:
                                    self.step_index, seed=self.seed, sample_offset=self.sample_offset,
                                    clip_denoised=self.clip_denoised, variance=self.variance)
         self.static_x.copy_(new_x)
-        self.step_index.sub_(1)
+        # i <- (i - 1) mod S: after a run's S steps the index is back at S-1, and a replay outside
+        # `run` (or one too many) still reads rows of the tables, never index -1, -2, ...
+        self.step_index.sub_(1).remainder_(self.steps)
 
     def load(self, x: torch.Tensor, timestep_map: torch.Tensor, coef_table: torch.Tensor) -> None:
         self.static_x.copy_(x)
@@ -78,16 +87,17 @@ class _StaticLoop:
         restore the buffers, then capture one step."""
         saved_x = self.static_x.clone()
         saved_index = self.step_index.clone()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
+        device = self.static_x.device
+        side = torch.cuda.Stream(device=device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.device(device), torch.cuda.stream(side):
             self.step()
-        torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.current_stream(device).wait_stream(side)
         self.static_x.copy_(saved_x)
         self.step_index.copy_(saved_index)
         graph = torch.cuda.CUDAGraph()
-        try:
-            with torch.cuda.graph(graph):
+        try:  # capture on the tensors' device, whatever the current device is
+            with torch.cuda.device(self.static_x.device), torch.cuda.graph(graph):
                 self.step()
         except RuntimeError as err:
             raise RuntimeError("cuda_graph=True: capturing the sampler step failed; the model must not "
@@ -107,22 +117,41 @@ class _StaticLoop:
         return self.static_x.clone()
 
 
+MAX_LOOPS_PER_MODEL = 4
+
+
 # Captured loops per model (weak: a dropped model drops its graphs) and per settings.
 _cache: "weakref.WeakKeyDictionary[object, Dict[tuple, _StaticLoop]]" = weakref.WeakKeyDictionary()
 
 
+def _storage_signature(model) -> tuple:
+    """Identity and address of every parameter and buffer: what a captured graph reads by address."""
+    tensors = []
+    for attr in ("parameters", "buffers"):
+        fn = getattr(model, attr, None)
+        if callable(fn):
+            tensors.extend(fn())
+    return tuple((id(t), t.data_ptr(), t.dtype, str(t.device)) for t in tensors)
+
+
 def _loop_for(model, x, steps, key_extra, **kwargs) -> _StaticLoop:
     capture = kwargs["capture"]
-    key = (tuple(x.shape), x.dtype, str(x.device), steps) + key_extra
+    if not capture:
+        return _StaticLoop(model, x, steps, **kwargs)
+    signature = _storage_signature(model)
+    key = (signature, tuple(x.shape), x.dtype, str(x.device), steps) + key_extra
     try:
-        per_model = _cache.setdefault(model, {})
+        per_model = _cache.setdefault(model, collections.OrderedDict())
     except TypeError:  # not weak-referenceable: no caching
         return _StaticLoop(model, x, steps, **kwargs)
+    for stale in [k for k in per_model if k[0] != signature]:  # parameters moved: those graphs read freed memory
+        del per_model[stale]
     loop = per_model.get(key)
-    if loop is None or not capture:
-        loop = _StaticLoop(model, x, steps, **kwargs)
-        if capture:
-            per_model[key] = loop
+    if loop is None:
+        loop = per_model[key] = _StaticLoop(model, x, steps, **kwargs)
+        while len(per_model) > MAX_LOOPS_PER_MODEL:
+            per_model.popitem(last=False)
+    per_model.move_to_end(key)
     return loop
 
 
@@ -156,7 +185,8 @@ def sample_loop(model: Callable, x: torch.Tensor, coefs: Sequence[StepCoefficien
     if kwargs and capture:
         # Keyword tensors are baked into the graph by address; a cached graph would read stale ones.
         key_extra = (seed, sample_offset, clip_denoised, variance, mean_only,
-                     tuple((k, id(v)) for k, v in sorted(kwargs.items())))
+                     tuple((k, id(v), v.data_ptr() if isinstance(v, torch.Tensor) else None)
+                           for k, v in sorted(kwargs.items())))
     else:
         key_extra = (seed, sample_offset, clip_denoised, variance, mean_only)
     run_model = model
