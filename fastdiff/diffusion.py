@@ -141,11 +141,15 @@ class GaussianDiffusion:
     loss: "simple" (Eq. 98), "hybrid" (Eq. 102, the VLB term training only the variance),
         "vlb" (Eq. 81 in bits/dim, everything trained by it).
     t_sampler: "uniform" or "importance" (Eq. 103); defaults to importance for loss="vlb".
+    final_alpha_cumprod: the abar a deterministic (DDIM) step lands on when it leaves the first
+        timestep, 1 by default (the clean data). diffusers' DDIMScheduler(set_alpha_to_one=False)
+        uses abar_0 there instead; samplers read it for that last step only (the posterior
+        q(x_{t-1} | x_t, x_0) and the ancestral step keep abar = 1 before t = 0).
     """
 
     def __init__(self, schedule: NoiseSchedule, prediction: str = "eps", variance: str = "fixed_small",
                  loss: str = "simple", t_sampler: Optional[str] = None,
-                 timestep_map: Optional[Sequence[int]] = None):
+                 timestep_map: Optional[Sequence[int]] = None, final_alpha_cumprod: float = 1.0):
         if not isinstance(schedule, NoiseSchedule):
             raise TypeError(f"schedule must be a fastdiff.NoiseSchedule, got {type(schedule).__name__}")
         self.schedule = schedule
@@ -165,6 +169,10 @@ class GaussianDiffusion:
         self.timestep_map = torch.as_tensor(list(timestep_map), dtype=torch.int64)
         if self.timestep_map.numel() != self.T:
             raise ValueError(f"timestep_map must have T={self.T} entries, got {self.timestep_map.numel()}")
+        if (isinstance(final_alpha_cumprod, bool) or not isinstance(final_alpha_cumprod, (int, float))
+                or not 0.0 < final_alpha_cumprod <= 1.0):
+            raise ValueError(f"final_alpha_cumprod must be a number in (0, 1], got {final_alpha_cumprod!r}")
+        self.final_alpha_cumprod = float(final_alpha_cumprod)
 
         b = schedule.betas
         ac = schedule.alphas_cumprod
@@ -426,8 +434,10 @@ class GaussianDiffusion:
         mapped = self.timestep_map[timesteps]
         return GaussianDiffusion(NoiseSchedule(betas, name=f"{self.schedule.name}-respaced"),
                                  prediction=self.prediction, variance=self.variance, loss=self.loss,
-                                 t_sampler=self.t_sampler_name, timestep_map=mapped.tolist())
+                                 t_sampler=self.t_sampler_name, timestep_map=mapped.tolist(),
+                                 final_alpha_cumprod=self.final_alpha_cumprod)
 
     def __repr__(self) -> str:
+        final = f", final_alpha_cumprod={self.final_alpha_cumprod!r}" if self.final_alpha_cumprod != 1.0 else ""
         return (f"GaussianDiffusion({self.schedule!r}, prediction={self.prediction!r}, "
-                f"variance={self.variance!r}, loss={self.loss!r})")
+                f"variance={self.variance!r}, loss={self.loss!r}{final})")

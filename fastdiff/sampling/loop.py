@@ -54,6 +54,8 @@ def space_timesteps(T: int, steps: int, spacing: str = "uniform") -> List[int]:
 
 def ddim_sigma(alpha_cumprod: float, alpha_cumprod_prev: float, eta: float) -> float:
     """Eq. 119: sigma = eta sqrt((1 - abar_prev) / (1 - abar)) sqrt(1 - abar / abar_prev)."""
+    if eta == 0:  # deterministic whatever abar_prev is (a final abar below abar_0 would give 0 * nan)
+        return 0.0
     return eta * np.sqrt((1.0 - alpha_cumprod_prev) / (1.0 - alpha_cumprod)) * \
         np.sqrt(1.0 - alpha_cumprod / alpha_cumprod_prev)
 
@@ -74,6 +76,8 @@ def step_coefficients(d: GaussianDiffusion, i: int, sampler: str, eta: float = 0
         # Eq. 114: x_prev = sqrt(abar_prev) x0 + sqrt(1 - abar_prev - sigma^2) eps + sigma z, with
         # eps recomputed from the (possibly clipped) x0: eps = (x_t - sqrt(abar) x0) / sqrt(1 - abar)
         ac, ac_prev = d.alphas_cumprod[i].item(), d.alphas_cumprod_prev[i].item()
+        if i == 0:  # the last step lands on final_alpha_cumprod (1 unless set_alpha_to_one=False)
+            ac_prev = d.final_alpha_cumprod
         sigma = ddim_sigma(ac, ac_prev, eta)
         dir_sq = 1.0 - ac_prev - sigma ** 2
         if dir_sq < -1e-12:
@@ -107,7 +111,7 @@ def _default_device(model):
 @torch.no_grad()
 def sample(model: Callable, shape: Optional[Sequence[int]] = None, steps: int = 50, eta: float = 0.0,
            diffusion: Optional[GaussianDiffusion] = None, seed: int = 0, spacing: str = "uniform",
-           clip_denoised: bool = True, sampler: str = "ddim", x_T: Optional[torch.Tensor] = None,
+           clip_denoised: Optional[bool] = None, sampler: str = "ddim", x_T: Optional[torch.Tensor] = None,
            n: int = 16, model_kwargs: Optional[dict] = None, progress: bool = False,
            device=None, dtype: torch.dtype = torch.float32, sample_offset: int = 0,
            cuda_graph: bool = False, compile: Optional[str] = None,
@@ -120,6 +124,8 @@ def sample(model: Callable, shape: Optional[Sequence[int]] = None, steps: int = 
     shape: full shape (B, ...) of the batch; omitted for models with `sample_shape`, then
         `n` samples are drawn.
     eta: DDIM stochasticity (0 = deterministic); ignored by sampler="ddpm".
+    clip_denoised: clamp the predicted x_0 to [-1, 1]; None: the model's `default_clip_denoised`
+        attribute if it has one (an imported diffusers scheduler's clip_sample), else True.
     seed, sample_offset: the noise of sample i is a function of (seed, sample_offset + i,
         step, element) only, so the first image of a batch equals the image drawn alone.
     cuda_graph: capture model call + step once as a CUDA graph and replay it for every step
@@ -142,6 +148,8 @@ def sample(model: Callable, shape: Optional[Sequence[int]] = None, steps: int = 
         diffusion = getattr(model, "diffusion", None) or GaussianDiffusion(NoiseSchedule.linear(1000))
     if not isinstance(diffusion, GaussianDiffusion):
         raise TypeError(f"diffusion must be a fastdiff.GaussianDiffusion, got {type(diffusion).__name__}")
+    if clip_denoised is None:
+        clip_denoised = bool(getattr(model, "default_clip_denoised", True))
     timesteps = space_timesteps(diffusion.T, steps, spacing)
     d = diffusion.respace(timesteps)
     if x_T is not None:
