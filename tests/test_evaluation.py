@@ -514,13 +514,14 @@ def test_cli_eval_fid_samples_what_fastdiff_sample_draws(tmp_path, capsys, monke
     monkeypatch.setattr(fastdiff.cli.sample, "load_for_sampling", lambda src, no_ema=False: (model, "step 7"))
     monkeypatch.setattr(fastdiff.cli.eval, "load_for_sampling", lambda src, no_ema=False: (model, "step 7"))
     seen = []
-    real_features = fastdiff.cli.eval._features
+    real_features = fastdiff.cli.eval._features_of
 
-    def recording_features(extractor, dataset, n, batch_size):
-        seen.append(dataset.images[:n].clone())
-        return real_features(extractor, dataset, n, batch_size)
+    def recording_features(extractor, batches):
+        batches = list(batches)
+        seen.append(torch.cat(batches))
+        return real_features(extractor, batches)
 
-    monkeypatch.setattr(fastdiff.cli.eval, "_features", recording_features)
+    monkeypatch.setattr(fastdiff.cli.eval, "_features_of", recording_features)
     parser = _parser()
     out_json = tmp_path / "fid.json"
     generated = []
@@ -548,3 +549,222 @@ def test_cli_eval_fid_samples_what_fastdiff_sample_draws(tmp_path, capsys, monke
     result = json.loads(out_json.read_text())
     assert result["n_generated"] == 5 and math.isfinite(result["fid"])
     assert (run / "fid-cache" / "shapes-features-32px-steps1-seed0" / feat_mod.SHAPES_RECORD).is_file()
+
+
+# --------------------------------------------------------------------------- issue 19: what goes into an FID
+@pytest.fixture(scope="module")
+def shapes_features_dir(tmp_path_factory):
+    return train_shapes_features(tmp_path_factory.mktemp("features") / "f", steps=1, seed=1, batch_size=16,
+                                 dataset_size=32)
+
+
+def _write_pngs(images, paths):
+    from PIL import Image
+    for img, path in zip(images, paths):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img).save(path)
+
+
+def _class_sorted_folder(root, classes=3, per_class=10, size=32):
+    """`classes` class subfolders of `per_class` noisy images in a class colour; -> images (N, H, W, 3)
+    uint8 in file order (class 0 first)."""
+    rng = np.random.default_rng(0)
+    colours = np.array([[220, 40, 40], [40, 220, 40], [40, 40, 220], [200, 200, 40]])[:classes]
+    images = np.clip(colours[:, None, None, None, :] + rng.normal(0, 30, (classes, per_class, size, size, 3)),
+                     0, 255).astype(np.uint8).reshape(-1, size, size, 3)
+    _write_pngs(images, [root / f"class{c}" / f"{i:03d}.png" for c in range(classes) for i in range(per_class)])
+    return images
+
+
+def _eval_fid(argv, tmp_path):
+    out_json = tmp_path / "fid.json"
+    args = _parser().parse_args(["eval", "fid", *argv, "--json", str(out_json), "--no-progress"])
+    assert args.func(args) == 0
+    return json.loads(out_json.read_text())
+
+
+def _nhwc_to_model(images):
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+def test_cli_eval_fid_reference_subset_is_random_not_first_class(tmp_path, shapes_features_dir):
+    """3 classes x 10 images in class subfolders, --n 10: the reference used to be files 0..9,
+    all of class 0 (here: the very images sampled, so FID ~ 0). Now it is a seeded random subset
+    of all classes, recorded in the JSON, and the FID is that subset's."""
+    torch.set_num_threads(2)
+    images = _class_sorted_folder(tmp_path / "ref")
+    npz = tmp_path / "samples.npz"
+    np.savez(npz, images=images[:10])  # class 0 only
+    result = _eval_fid([str(npz), "--data", str(tmp_path / "ref"), "--n", "10", "--shapes-features",
+                        str(shapes_features_dir)], tmp_path)
+    extractor = load_shapes_features(shapes_features_dir)
+    f_gen = extractor(_nhwc_to_model(images[:10]))
+    first_class = fid_from_features(extractor(_nhwc_to_model(images[:10])), f_gen)  # the old reference
+    assert abs(first_class) < 1e-6 < result["fid"]
+    assert result["reference_subset"] == {"kind": "random", "n": 10, "of": 30, "seed": 0}
+    assert result["n_reference"] == 10 and result["generated_subset"]["kind"] == "all"
+    from fastdiff.metrics.pipeline import choose_subset
+    idx, _ = choose_subset(30, 10, seed=0)
+    assert len(set((idx // 10).tolist())) == 3  # every class is in the reference
+    assert result["fid"] == pytest.approx(fid_from_features(extractor(_nhwc_to_model(images[idx])), f_gen),
+                                          rel=1e-6)
+    # the whole set on request; and an .npz ordered by class gives a random subset of its samples too
+    result = _eval_fid([str(npz), "--data", str(tmp_path / "ref"), "--n", "10", "--n-reference", "all",
+                        "--shapes-features", str(shapes_features_dir)], tmp_path)
+    assert result["reference_subset"] == {"kind": "all", "n": 30, "of": 30} and result["n_reference"] == 30
+    np.savez(npz, images=images)
+    result = _eval_fid([str(npz), "--data", str(tmp_path / "ref"), "--n", "10", "--subset-seed", "3",
+                        "--shapes-features", str(shapes_features_dir)], tmp_path)
+    assert result["generated_subset"] == {"kind": "random", "n": 10, "of": 30, "seed": 3}
+    assert result["reference_subset"]["seed"] == 3
+
+
+def test_cli_eval_fid_small_n_warns_and_reports_kid_by_default(tmp_path, capsys, shapes_features_dir):
+    from fastdiff.data import load_dataset
+    npz = tmp_path / "s.npz"
+    np.savez(npz, images=load_dataset("shapes", n=8, train=False).images.permute(0, 2, 3, 1).numpy())
+    argv = [str(npz), "--data", "shapes", "--n", "8", "--shapes-features", str(shapes_features_dir),
+            "--kid-subsets", "3"]
+    result = _eval_fid(argv, tmp_path)
+    captured = capsys.readouterr()
+    assert "warning: n = 8 is below the feature dimension 64" in captured.err
+    assert result["warnings"] and "below the feature dimension 64" in result["warnings"][0]
+    assert math.isfinite(result["kid"]) and result["kid_subset_size"] == 8 and "KID:" in captured.out
+    result = _eval_fid(argv + ["--no-kid"], tmp_path)
+    assert "kid" not in result and "KID" not in capsys.readouterr().out
+    # at n >= the feature dimension there is no warning
+    np.savez(npz, images=load_dataset("shapes", n=64, train=False).images.permute(0, 2, 3, 1).numpy())
+    result = _eval_fid([str(npz), "--data", "shapes", "--n", "64", "--shapes-features", str(shapes_features_dir),
+                        "--no-kid"], tmp_path)
+    assert result["warnings"] == [] and "warning" not in capsys.readouterr().err
+
+
+def test_quantize_round_and_floor():
+    from fastdiff.data import to_uint8
+    from fastdiff.metrics.pipeline import quantize
+    levels = torch.tensor([-2.0, -1.0, 10.6 / 127.5 - 1, 10.4 / 127.5 - 1, 1.0, 3.0])
+    assert quantize(levels, "round").tolist() == [0, 0, 11, 10, 255, 255]
+    assert quantize(levels, "floor").tolist() == [0, 0, 10, 10, 255, 255]
+    x = torch.rand(2, 3, 8, 8) * 2.2 - 1.1
+    assert torch.equal(quantize(x, "round"), to_uint8(x))  # what `fastdiff sample` writes
+    # truncation as the DDPM / guided-diffusion samplers do it: a cast of the clamped value
+    assert torch.equal(quantize(x, "floor"), ((x + 1) * 127.5).clamp(0, 255).to(torch.uint8))
+    with pytest.raises(ValueError, match="quantize mode.*'nearest'"):
+        quantize(x, "nearest")
+    with pytest.raises(TypeError, match="floating-point"):
+        quantize(torch.zeros(2, dtype=torch.uint8))
+
+
+def test_cli_eval_fid_quantize_float_samples(tmp_path, shapes_features_dir):
+    from fastdiff.metrics.pipeline import quantize
+    rng = np.random.default_rng(1)
+    floats = rng.uniform(0, 1, (6, 32, 32, 3)).astype(np.float32)
+    npz = tmp_path / "float.npz"
+    np.savez(npz, images=floats)
+    extractor = load_shapes_features(shapes_features_dir)
+    from fastdiff.data import load_dataset
+    f_ref = extractor(load_dataset("shapes", n=6).batch(range(6))[0])
+    x = torch.from_numpy(floats).permute(0, 3, 1, 2) * 2 - 1
+    fids = {}
+    for mode in ("round", "floor"):
+        result = _eval_fid([str(npz), "--data", "shapes", "--n", "6", "--quantize", mode, "--no-kid",
+                            "--shapes-features", str(shapes_features_dir)], tmp_path)
+        assert result["quantize"] == mode
+        expected = fid_from_features(f_ref, extractor(quantize(x, mode).float() / 127.5 - 1))
+        assert result["fid"] == pytest.approx(expected, rel=1e-6)
+        fids[mode] = result["fid"]
+    assert fids["round"] != fids["floor"]
+
+
+def test_cli_eval_fid_reference_resize(tmp_path, shapes_features_dir):
+    """direct: 48x48 reference files reach the network at 48x48 (pytorch-fid's way); to-samples:
+    they are first resized to the 32x32 samples' size as the dataset loader does."""
+    from fastdiff.data import load_image_folder
+    rng = np.random.default_rng(2)
+    ref = rng.integers(0, 256, (5, 48, 48, 3), dtype=np.uint8)
+    _write_pngs(ref, [tmp_path / "ref" / f"{i}.png" for i in range(5)])
+    samples = rng.integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
+    npz = tmp_path / "s.npz"
+    np.savez(npz, images=samples)
+    extractor = load_shapes_features(shapes_features_dir)
+    f_gen = extractor(_nhwc_to_model(samples))
+    expected = {"direct": fid_from_features(extractor(_nhwc_to_model(ref)), f_gen),
+                "to-samples": fid_from_features(extractor(load_image_folder(tmp_path / "ref", 32).batch(range(5))[0]),
+                                                f_gen)}
+    assert expected["direct"] != pytest.approx(expected["to-samples"], rel=1e-4)
+    for mode, fid in expected.items():
+        argv = [str(npz), "--data", str(tmp_path / "ref"), "--n", "5", "--no-kid",
+                "--shapes-features", str(shapes_features_dir)] + (["--reference-resize", mode] if mode != "direct" else [])
+        result = _eval_fid(argv, tmp_path)
+        assert result["reference_resize"] == mode and result["fid"] == pytest.approx(fid, rel=1e-6)
+
+
+def _cifar_bin(path, images, labels):
+    records = np.concatenate([labels.astype(np.uint8)[:, None], images.reshape(len(images), -1)], axis=1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    records.astype(np.uint8).tofile(path)
+
+
+def test_cli_eval_fid_protocol(tmp_path, monkeypatch):
+    """--protocol cifar10-50k: its fixed options, checks of the reference set, and the numbers of
+    those options. The counts are shrunk (50,000 Inception passes would take an hour here)."""
+    import dataclasses
+
+    import fastdiff.metrics.pipeline as pipeline
+    from fastdiff.errors import UserError
+    torch.set_num_threads(2)
+    proto = pipeline.PROTOCOLS["cifar10-50k"]
+    assert proto.settings == dict(features="inception", n=50_000, n_reference="all", split="train",
+                                  quantize="floor", reference_resize="direct")
+    assert proto.reference_count == 50_000 and proto.image_size == 32
+    small = dataclasses.replace(proto, settings={**proto.settings, "n": 3}, reference_count=4)
+    monkeypatch.setitem(pipeline.PROTOCOLS, "cifar10-50k", small)
+    rng = np.random.default_rng(3)
+    ref = rng.integers(0, 256, (4, 3, 32, 32), dtype=np.uint8)
+    _cifar_bin(tmp_path / "cifar" / "data_batch_1.bin", ref, np.arange(4) % 10)
+    _cifar_bin(tmp_path / "cifar" / "test_batch.bin", ref[:1], np.zeros(1))
+    floats = rng.uniform(-1, 1, (3, 3, 32, 32)).astype(np.float32)
+    npz = tmp_path / "s.npz"
+    np.savez(npz, images=floats)
+    # Inception at 299x299 costs seconds per image here: a small random CNN stands in for it
+    # (the Inception pipeline itself is checked against pytorch-fid in test_fid_peer.py)
+    weights = tmp_path / "inception.pth"
+    weights.write_bytes(b"stand-in")
+    extractor = ShapesFeatures(ShapesCNN(width=8, groups=4), name="inception-v3-fid")
+    loaded = []
+    monkeypatch.setattr(feat_mod, "InceptionV3Features", lambda path: loaded.append(path) or extractor)
+    base = [str(npz), "--data", str(tmp_path / "cifar"), "--protocol", "cifar10-50k"]
+    with pytest.raises(UserError, match="--inception-weights"):
+        _eval_fid(base, tmp_path)
+    with pytest.raises(UserError, match="sets --n 3; got --n 2"):
+        _eval_fid(base + ["--n", "2"], tmp_path)
+    with pytest.raises(UserError, match="sets --quantize floor; got --quantize round"):
+        _eval_fid(base + ["--quantize", "round"], tmp_path)
+    with pytest.raises(UserError, match="4 32x32 CIFAR-10 train images; --data .* has 5 images"):
+        _cifar_bin(tmp_path / "cifar" / "data_batch_2.bin", ref[:1], np.zeros(1))
+        _eval_fid(base + ["--inception-weights", str(weights)], tmp_path)
+    (tmp_path / "cifar" / "data_batch_2.bin").unlink()
+    result = _eval_fid(base + ["--inception-weights", str(weights), "--kid-subsets", "2"], tmp_path)
+    assert set(loaded) == {str(weights)} and result["features"] == "inception-v3-fid"
+    assert result["protocol"] == "cifar10-50k"
+    assert (result["quantize"], result["reference_resize"], result["split"]) == ("floor", "direct", "train")
+    assert result["reference_subset"] == {"kind": "all", "n": 4, "of": 4} and result["n_generated"] == 3
+    assert "below the feature dimension 32" in result["warnings"][0]
+    x = ((torch.from_numpy(floats) + 1) * 127.5).clamp(0, 255).to(torch.uint8).float() / 127.5 - 1  # truncated
+    expected = fid_from_features(extractor(torch.from_numpy(ref).float() / 127.5 - 1), extractor(x))
+    assert result["fid"] == pytest.approx(expected, rel=1e-6)
+
+
+def test_sample_shards_concatenate_to_the_whole(monkeypatch):
+    """The unit a distributed (torchrun) version hands each rank: shards of the sample indices
+    give the same images as one pass, whatever the batch size."""
+    from fastdiff.cli.eval import sample_shard
+    torch.set_num_threads(2)
+    model = _tiny_class_model(w=0.0)
+    labels = torch.arange(3) % 3
+    args = argparse.Namespace(batch_size=2, steps=2, eta=0.0, seed=4, sampler="ddim", no_progress=True)
+    whole = torch.cat(list(sample_shard(model, labels, args, 0.0, 0, 3, "round")))
+    args.batch_size = 1
+    parts = [torch.cat(list(sample_shard(model, labels, args, 0.0, a, b, "round"))) for a, b in ((0, 1), (1, 3))]
+    assert whole.dtype == torch.uint8 and whole.shape == (3, 3, 32, 32)
+    assert torch.equal(torch.cat(parts), whole)

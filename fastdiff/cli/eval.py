@@ -1,8 +1,10 @@
 """`fastdiff eval bpd` and `fastdiff eval fid`.
 
     fastdiff eval bpd runs/shapes --data shapes --n 256 --steps 100
-    fastdiff eval fid runs/shapes --data shapes --n 2000 --steps 50 --kid
+    fastdiff eval fid runs/shapes --data shapes --n 2000 --steps 50
     fastdiff eval fid samples.npz --data shapes --features inception \\
+        --inception-weights pt_inception-2015-12-05-6726825d.pth
+    fastdiff eval fid runs/cifar --protocol cifar10-50k --data cifar-10-batches-bin \\
         --inception-weights pt_inception-2015-12-05-6726825d.pth
 
 A run folder is sampled exactly as `fastdiff sample` samples it (same labels, guidance,
@@ -15,25 +17,44 @@ import json
 import time
 from pathlib import Path
 
-from fastdiff.cli.sample import add_sampler_options, class_labels, draw, load_for_sampling
+from fastdiff.cli.sample import add_sampler_options, class_labels, guidance_scale_of, load_for_sampling
 from fastdiff.cli.train import DEFAULT_FEATURE_STEPS
 from fastdiff.errors import UserError
 from fastdiff.options import positive_int
 
 
 # --------------------------------------------------------------------------- eval fid
+#: What `eval fid` does when neither an option nor --protocol says otherwise.
+FID_DEFAULTS = dict(features="shapes", n=2000, n_reference=None, split="train", quantize="round",
+                    reference_resize="direct")
+
+
+def _count_or_all(text: str):
+    if text == "all":
+        return "all"
+    return positive_int(text)
+
+
 def _add_fid_parser(eval_subparsers) -> None:
+    from fastdiff.metrics.pipeline import PROTOCOLS, QUANTIZE_MODES, RESIZE_MODES
+
     e = eval_subparsers.add_parser(
-        "fid", help="FID (and optionally KID, precision/recall) of samples against a dataset",
+        "fid", help="FID and KID (optionally precision/recall) of samples against a dataset",
         description="Fréchet distance between feature statistics of generated samples and of a reference "
-        "dataset. SOURCE is a run folder (samples are drawn with DDIM/DDPM) or an .npz of samples (uint8 "
-        "NHWC 'images', as `fastdiff sample` writes). FID is biased upwards at small n: compare numbers "
-        "only at equal --n and with the same features.")
+        "dataset, with KID beside it. SOURCE is a run folder (samples are drawn as `fastdiff sample` draws "
+        "them) or an .npz of samples (uint8 NHWC 'images', as `fastdiff sample` writes). Reference images "
+        "are all of the set or a seeded random subset (never the first n in file order). FID is biased "
+        "upwards at small n: compare numbers only at equal n, with the same features and options; "
+        "--protocol cifar10-50k is the setting of published CIFAR-10 FIDs.")
     e.add_argument("source", help="run folder (holding checkpoint.json) or .npz of samples")
     e.add_argument("--data", required=True, help="reference dataset, as for train")
-    e.add_argument("--split", choices=("train", "test"), default="train",
+    e.add_argument("--protocol", choices=sorted(PROTOCOLS), default=None,
+                   help="a published evaluation setting; cifar10-50k: " + PROTOCOLS["cifar10-50k"].description +
+                   ". It sets --features, --n, --n-reference, --split, --quantize and --reference-resize "
+                   "(giving another value for one of them is an error) and needs --inception-weights")
+    e.add_argument("--split", choices=("train", "test"), default=None,
                    help="reference split where the dataset has one (default: train)")
-    e.add_argument("--features", choices=("shapes", "inception"), default="shapes",
+    e.add_argument("--features", choices=("shapes", "inception"), default=None,
                    help="feature network: the project's shapes CNN (default) or the FID Inception-v3")
     e.add_argument("--inception-weights", default=None, metavar="PATH",
                    help="state dict of the FID Inception-v3 (pt_inception-2015-12-05-6726825d.pth); "
@@ -45,11 +66,24 @@ def _add_fid_parser(eval_subparsers) -> None:
                    help=f"training steps for that on-the-fly network (default: {DEFAULT_FEATURE_STEPS})")
     e.add_argument("--features-dataset-size", type=positive_int, default=4000,
                    help="generated shapes to train that network on (default: 4000)")
-    e.add_argument("--n", type=positive_int, default=2000,
-                   help="number of generated and of reference images (default: 2000; an .npz with fewer "
-                   "images uses all it has)")
+    e.add_argument("--n", type=positive_int, default=None,
+                   help="generated images (default: 2000; from an .npz with more: a seeded random subset, "
+                   "with fewer: all it has)")
+    e.add_argument("--n-reference", type=_count_or_all, default=None, metavar="N|all",
+                   help="reference images (default: --n): a seeded random subset of the set, or all of it")
+    e.add_argument("--subset-seed", type=int, default=0,
+                   help="seed of the random subsets (reference, .npz samples, KID); default 0")
+    e.add_argument("--quantize", choices=QUANTIZE_MODES, default=None,
+                   help="how drawn (or float) samples become 8-bit images: round (default; what `fastdiff "
+                   "sample` writes) or floor (truncate, as the DDPM and guided-diffusion samplers save them)")
+    e.add_argument("--reference-resize", choices=RESIZE_MODES, default=None,
+                   help="direct (default): reference images go to the feature network at their stored size "
+                   "and it resizes them (pytorch-fid's pipeline); to-samples: resized to the samples' size "
+                   "first (what eval fid did before --reference-resize existed)")
+    e.add_argument("--device", default="auto", help="auto (default: a CUDA GPU if visible), cpu, cuda, cuda:i")
     add_sampler_options(e)
-    e.add_argument("--kid", action="store_true", help="also report KID (mean ± std over subsets)")
+    e.add_argument("--kid", action=argparse.BooleanOptionalAction, default=True,
+                   help="report KID (mean ± std over subsets; unbiased at any n) beside FID (default: on)")
     e.add_argument("--kid-subsets", type=positive_int, default=100)
     e.add_argument("--kid-subset-size", type=positive_int, default=1000)
     e.add_argument("--precision-recall", action="store_true",
@@ -58,39 +92,86 @@ def _add_fid_parser(eval_subparsers) -> None:
     e.set_defaults(func=cmd_eval_fid)
 
 
-def _generated_images(args, source: Path):
-    """-> (uint8 ImageDataset of samples, description, base folder for caches)."""
-    from fastdiff.data import load_npz
+def _fid_settings(args) -> dict:
+    """FID_DEFAULTS, overridden by --protocol, overridden by explicit options (an explicit option
+    that contradicts the protocol is an error: its numbers would not be the protocol's)."""
+    from fastdiff.metrics.pipeline import PROTOCOLS
 
+    settings = dict(FID_DEFAULTS)
+    protocol = PROTOCOLS.get(args.protocol)
+    for key in settings:
+        given = getattr(args, key)
+        if protocol is not None and key in protocol.settings:
+            fixed = protocol.settings[key]
+            if given is not None and given != fixed:
+                raise UserError(f"--protocol {protocol.name} sets --{key.replace('_', '-')} {fixed}; got "
+                                f"--{key.replace('_', '-')} {given}")
+            settings[key] = fixed
+        elif given is not None:
+            settings[key] = given
+    if settings["n_reference"] is None:
+        settings["n_reference"] = settings["n"]
+    return settings
+
+
+def sample_shard(model, labels, args, guidance_scale: float, start: int, stop: int, quantize_mode: str):
+    """Samples [start, stop) of those `fastdiff sample` draws with these options, as uint8 batches.
+
+    By the noise contract (sample i's noise depends on (seed, i) only; `sample_offset`), a shard
+    holds the same images whichever process draws it and whatever the batch size. The
+    distributed version (torchrun, the speed-and-scale issue) slots in here: rank r of W draws
+    the shard [r n / W, (r + 1) n / W), computes its features, and the features (or mergeable
+    `FeatureStats`) are gathered on rank 0; the numbers do not depend on W."""
+    from fastdiff.metrics.pipeline import quantize
+    from fastdiff.sampling import sample_in_batches
+
+    y = None if labels is None else labels[start:stop]
+    for x in sample_in_batches(model, stop - start, args.batch_size, y=y, steps=args.steps, eta=args.eta,
+                               seed=args.seed, sample_offset=start, sampler=args.sampler,
+                               progress=not args.no_progress, guidance_scale=guidance_scale):
+        yield quantize(x.cpu(), quantize_mode)
+
+
+def _generated(args, settings, source: Path, device):
+    """-> (uint8 batches of the samples, n, image size, description, cache folder, subset record)."""
+    import torch
+
+    from fastdiff.data import load_npz
+    from fastdiff.metrics.pipeline import choose_subset, image_batches, quantize
+
+    n = settings["n"]
     if source.is_file():
         if source.suffix != ".npz":
             raise UserError(f"{source}: expected a run folder or an .npz of samples")
         ds = load_npz(source, size=None)  # uint8 as `fastdiff sample` writes; floats in [0,1]/[-1,1] also work
-        return ds, f"{source} ({len(ds)} images)", source.parent
-    if source.is_dir():
-        return _sample_run(args, source), f"run {source}", source
-    raise FileNotFoundError(f"{source}: no such run folder or .npz file")
-
-
-def _sample_run(args, run: Path):
-    from fastdiff.data import ImageDataset, to_uint8
-
-    model, origin = load_for_sampling(str(run), args.no_ema)
-    labels, n, _ = class_labels(model, args.n)
-    print(f"sampling {n} images from {run} ({origin}, {args.sampler}, {args.steps} steps, eta={args.eta})",
+        if args.protocol and len(ds) < n:
+            raise UserError(f"--protocol {args.protocol} needs {n} samples; {source} has {len(ds)}")
+        idx, record = choose_subset(len(ds), n, args.subset_seed)
+        batches = (x if x.dtype == torch.uint8 else quantize(x, settings["quantize"])
+                   for x in image_batches(ds, idx, args.batch_size))
+        return batches, len(idx), ds.shape[-1], f"{source} ({len(ds)} images)", source.parent, record
+    if not source.is_dir():
+        raise FileNotFoundError(f"{source}: no such run folder or .npz file")
+    model, origin = load_for_sampling(str(source), args.no_ema)
+    model.to(device)
+    labels, n, _ = class_labels(model, n)
+    if args.steps > model.diffusion.T:
+        raise UserError(f"--steps {args.steps} exceeds the model's T={model.diffusion.T}")
+    w = guidance_scale_of(model, args.guidance_scale)
+    print(f"sampling {n} images from {source} ({origin}, {args.sampler}, {args.steps} steps, eta={args.eta})",
           flush=True)
-    x, _ = draw(model, n, labels, args)
-    return ImageDataset(to_uint8(x), labels, name=str(run))  # quantised like saved samples
+    batches = sample_shard(model, labels, args, w, 0, n, settings["quantize"])
+    return batches, n, model.sample_shape[-1], f"run {source}", source, {"kind": "drawn", "n": n}
 
 
-def _extractor(args, base: Path, image_size: int):
+def _extractor(args, settings, base: Path, image_size: int):
     from fastdiff.metrics.features import SHAPES_RECORD, InceptionV3Features, load_shapes_features
     from fastdiff.train.features import train_shapes_features
 
-    if args.features == "inception":
+    if settings["features"] == "inception":
         if not args.inception_weights:
             raise UserError("--features inception needs --inception-weights PATH (the FID Inception-v3 state "
-                              "dict, pt_inception-2015-12-05-6726825d.pth); nothing is downloaded")
+                            "dict, pt_inception-2015-12-05-6726825d.pth); nothing is downloaded")
         return InceptionV3Features(args.inception_weights)
     if args.inception_weights:
         raise UserError("--inception-weights is given but --features is 'shapes'; add --features inception")
@@ -111,42 +192,81 @@ def _extractor(args, base: Path, image_size: int):
     return load_shapes_features(cache)
 
 
-def _features(extractor, dataset, n: int, batch_size: int):
+def _features_of(extractor, batches):
+    """(N, F) float64 features of image batches (uint8, or floats in [-1, 1])."""
     import numpy as np
 
-    out = []
-    for start in range(0, n, batch_size):
-        x, _ = dataset.batch(range(start, min(n, start + batch_size)))
-        out.append(extractor(x).double().numpy())
+    from fastdiff.data import to_model_range
+
+    out = [extractor(x if x.is_floating_point() else to_model_range(x)).double().numpy() for x in batches]
+    if not out:
+        raise UserError("no images to compute features of")
     return np.concatenate(out)
 
 
+def _reference(args, settings, size: int):
+    """-> (reference set, chosen indices, subset record)."""
+    from fastdiff.metrics.pipeline import PROTOCOLS, choose_subset, load_reference
+
+    n_ref = None if settings["n_reference"] == "all" else settings["n_reference"]
+    reference = load_reference(args.data, settings["split"], settings["reference_resize"], size,
+                               n_builtin=n_ref or 10000)
+    protocol = PROTOCOLS.get(args.protocol)
+    if protocol is not None:
+        shape = getattr(reference, "shape", None)
+        if len(reference) != protocol.reference_count or shape is None or shape[-2:] != (protocol.image_size,) * 2:
+            raise UserError(f"--protocol {protocol.name} compares against the {protocol.reference_count} "
+                            f"{protocol.image_size}x{protocol.image_size} CIFAR-10 {settings['split']} images; "
+                            f"--data {args.data} has {len(reference)} images of shape {shape}")
+        if size != protocol.image_size:
+            raise UserError(f"--protocol {protocol.name} needs {protocol.image_size}x{protocol.image_size} "
+                            f"samples; these are {size}x{size}")
+    idx, record = choose_subset(len(reference), n_ref, args.subset_seed)
+    return reference, idx, record
+
+
+def _small_n_warning(n_gen: int, n_ref: int, dim: int):
+    if min(n_gen, n_ref) >= dim:
+        return None
+    return (f"n = {min(n_gen, n_ref)} is below the feature dimension {dim}: the covariances are singular and "
+            "FID is biased upwards (compare FIDs only at equal n; KID is unbiased at any n; published "
+            "CIFAR-10 FIDs use 50,000 samples: --protocol cifar10-50k)")
+
+
 def cmd_eval_fid(args: argparse.Namespace) -> int:
-    from fastdiff.data import load_dataset
+    import sys
+
     from fastdiff.metrics import fid_from_features, kid, precision_recall
+    from fastdiff.metrics.pipeline import describe_subset, image_batches
+    from fastdiff.runtime import resolve_device
 
     t0 = time.time()
+    settings = _fid_settings(args)
+    device = resolve_device(args.device)
     source = Path(args.source).expanduser()
-    generated, what, base = _generated_images(args, source)
-    n_gen = min(args.n, len(generated))
+    batches, n_gen, size, what, base, gen_record = _generated(args, settings, source, device)
     if n_gen < 2:
         raise UserError(f"{source}: FID needs at least 2 generated images, got {n_gen}")
-    size = generated.shape[-1]
-    extractor = _extractor(args, base, size)
-    reference = load_dataset(args.data, image_size=size, train=args.split == "train", seed=0,
-                             n=args.n if args.data == "shapes" else None)
-    n_ref = min(args.n, len(reference))
-    if n_ref < 2:
-        raise UserError(f"{args.data}: FID needs at least 2 reference images, got {n_ref}")
-    f_gen = _features(extractor, generated, n_gen, args.batch_size)
-    f_ref = _features(extractor, reference, n_ref, args.batch_size)
+    extractor = _extractor(args, settings, base, size).to(device)
+    reference, idx, ref_record = _reference(args, settings, size)
+    if len(idx) < 2:
+        raise UserError(f"{args.data}: FID needs at least 2 reference images, got {len(idx)}")
+    f_gen = _features_of(extractor, batches)
+    f_ref = _features_of(extractor, image_batches(reference, idx, args.batch_size))
     fid = fid_from_features(f_ref, f_gen)
-    result = {"fid": fid, "features": extractor.name, "feature_dim": int(f_gen.shape[1]), "source": str(source),
-              "n_generated": n_gen, "data": args.data, "split": args.split, "n_reference": n_ref}
-    line = f"FID: {fid:.4f} ({extractor.name}, {n_gen} generated vs {n_ref} {args.data} {args.split} images)"
+    n_ref, dim = len(idx), int(f_gen.shape[1])
+    warning = _small_n_warning(n_gen, n_ref, dim)
+    result = {"fid": fid, "features": extractor.name, "feature_dim": dim, "source": str(source),
+              "n_generated": n_gen, "data": args.data, "split": settings["split"], "n_reference": n_ref,
+              "reference_subset": ref_record, "generated_subset": gen_record, "protocol": args.protocol,
+              "quantize": settings["quantize"], "reference_resize": settings["reference_resize"],
+              "warnings": [warning] if warning else []}
+    line = (f"FID: {fid:.4f} ({extractor.name}, {n_gen} generated vs {n_ref} {args.data} {settings['split']} "
+            f"images: {describe_subset(ref_record)}; samples quantised by {settings['quantize']}, reference "
+            f"resize {settings['reference_resize']}" + (f"; protocol {args.protocol}" if args.protocol else "") + ")")
     if args.kid:
         subset = min(args.kid_subset_size, n_gen, n_ref)
-        kid_mean, kid_std = kid(f_ref, f_gen, subsets=args.kid_subsets, subset_size=subset, seed=args.seed)
+        kid_mean, kid_std = kid(f_ref, f_gen, subsets=args.kid_subsets, subset_size=subset, seed=args.subset_seed)
         result.update(kid=kid_mean, kid_std=kid_std, kid_subsets=args.kid_subsets, kid_subset_size=subset)
         line += f"\nKID: {kid_mean:.6f} ± {kid_std:.6f} (std over {args.kid_subsets} subsets of {subset})"
     if args.precision_recall:
@@ -154,6 +274,8 @@ def cmd_eval_fid(args: argparse.Namespace) -> int:
         result.update(precision=precision, recall=recall)
         line += f"\nprecision: {precision:.4f}, recall: {recall:.4f} (k=3)"
     result["seconds"] = round(time.time() - t0, 2)
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr, flush=True)
     print(line + f"\n({what}; {result['seconds']:.1f}s)")
     if args.json:
         from fastdiff.io import atomic_write_bytes
