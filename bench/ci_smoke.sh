@@ -4,4 +4,6 @@
 # diffusers. A benchmark that errors fails this script. About 1.5 minutes on 2 cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-FASTDIFF_BENCH_SMOKE=1 python -m pytest bench/ --benchmark-disable -q "$@"
+# plain `pytest` (not `python -m pytest`): `-m` would put the source tree, which has no compiled
+# core after a non-editable install, ahead of the installed package on sys.path.
+FASTDIFF_BENCH_SMOKE=1 pytest bench/ --benchmark-disable -q "$@"
