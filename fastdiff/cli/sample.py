@@ -73,8 +73,9 @@ def guidance_scale_of(model, requested):
     return model.default_guidance_scale if requested is None else requested  # 0 if unconditional
 
 
-def draw(model, n: int, labels, a: argparse.Namespace, classifier=None):
-    """n samples as `fastdiff sample` draws them (see sample_in_batches: independent of --batch-size)."""
+def draw(model, n: int, labels, a: argparse.Namespace, classifier=None, sample_offset: int = 0):
+    """n samples as `fastdiff sample` draws them (see sample_in_batches: independent of --batch-size);
+    sample_offset: the index of the first (samples offset.. of a larger request, for shards)."""
     import torch
 
     from fastdiff.sampling import sample_in_batches
@@ -86,7 +87,8 @@ def draw(model, n: int, labels, a: argparse.Namespace, classifier=None):
     if classifier is not None:
         extra = dict(classifier=classifier, classifier_scale=a.classifier_scale)
     chunks = sample_in_batches(model, n, a.batch_size, y=labels, steps=a.steps, eta=a.eta, seed=a.seed,
-                               sampler=a.sampler, progress=not a.no_progress, guidance_scale=w, **extra)
+                               sampler=a.sampler, progress=not a.no_progress, guidance_scale=w,
+                               sample_offset=sample_offset, **extra)
     return torch.cat(list(chunks)), w
 
 
@@ -94,8 +96,11 @@ def cmd_sample(a: argparse.Namespace) -> int:
     import numpy as np
 
     from fastdiff.data import to_uint8
+    from fastdiff.cli.shards import cmd_sample_shards, wants_shards
     from fastdiff.image_utils import save_image_grid
 
+    if wants_shards(a):  # a folder --out, --shard-size, or torchrun
+        return cmd_sample_shards(a)
     model, origin = load_for_sampling(a.dir, a.no_ema)
     classifier = None
     if a.classifier is not None:
@@ -135,7 +140,11 @@ def register(sub) -> None:
                        ".npz (uint8 NHWC 'images', and 'labels' for class-conditional sampling).")
     p.add_argument("dir", help="run folder (holding checkpoint.json) or exported model file (.safetensors)")
     p.add_argument("--n", type=positive_int, default=16, help="number of samples (default: 16)")
-    p.add_argument("--out", required=True, help="output .png (an .npz is written next to it)")
+    p.add_argument("--out", required=True, help="output .png (an .npz is written next to it), or a folder (ending "
+                   "in '/') of shards: .npz files and one PNG per sample (see fastdiff/cli/shards.py)")
+    p.add_argument("--shard-size", type=positive_int, default=None, metavar="K",
+                   help="samples per shard, a multiple of --batch-size (default: 16 batches); finished "
+                   "shards are skipped when the command is rerun; torchrun ranks split the shards")
     add_sampler_options(p)
     p.add_argument("--class", "--label", dest="label", type=int, default=None,
                    help="class of every sample (default: cycle through the classes)")
