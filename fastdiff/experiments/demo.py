@@ -23,6 +23,42 @@ from fastdiff.sampling import sample
 from fastdiff.train import TrainConfig, build_diffusion, load_checkpoint, train
 
 
+DDIM_STEPS = 50
+
+
+def _sampling_seconds(config: TrainConfig, n: int, num_classes: int) -> tuple:
+    """(estimated seconds of the final DDIM-50 grid, parameter count): one sampling forward
+    pass of the real network at the grid's batch, timed, x 50 steps x 1.5, plus a margin."""
+    size = config.image_size
+    probe = UNet.preset(config.preset, num_classes=num_classes, diffusion=build_diffusion(config), image_size=size,
+                        **config.model).eval()
+    with torch.no_grad():
+        rows = 2 * n if config.resolved_guidance_scale > 0 else n  # guidance: both branches in one batch
+        xb, tb = torch.randn(rows, 3, size, size), torch.full((rows,), 500)
+        yb = torch.arange(rows) % (num_classes + 1)
+        probe(xb, tb, y=yb)  # first call: allocator and kernel set-up
+        best = math.inf
+        for _ in range(2):
+            t0 = time.time()
+            probe(xb, tb, y=yb)
+            best = min(best, time.time() - t0)
+    return 1.5 * DDIM_STEPS * best + 5.0, probe.num_parameters()
+
+
+def _write_readme(out_dir: Path, speed: dict, config: TrainConfig, params: int, minutes_trained: float) -> None:
+    rows = "\n".join(f"| {i} | {name} |" for i, name in enumerate(SHAPE_CLASSES))
+    size = config.image_size
+    (out_dir / "README.md").write_text(
+        f"# fastdiff demo\n\nA {params / 1e6:.2f}M-parameter class-conditional U-Net "
+        f"({size}x{size}, v-prediction, cosine schedule) trained for "
+        f"{speed['train_steps']} steps ({minutes_trained:.1f} min, batch {config.batch_size}) on the embedded "
+        f"`shapes` data, sampled with DDIM-{DDIM_STEPS} (eta 0, EMA weights, classifier-free guidance "
+        f"w = {speed['guidance_scale']:g}). Row k of the grid is class k.\n\n"
+        f"![samples](samples.png)\n\n![loss](loss.png)\n\n| row | class |\n|---|---|\n{rows}\n\n"
+        f"## Speed\n\n| measure | value |\n|---|---|\n"
+        + "".join(f"| {k} | {v} |\n" for k, v in speed.items()))
+
+
 def run_demo(out: str = "fastdiff-demo", minutes: float = 9.0, preset: Optional[str] = None, batch_size: int = 32,
              n: int = 100, seed: int = 0, lr: float = 2e-3, dataset_size: int = 10000, fp32: bool = False,
              image_size: int = 16, threads: Optional[int] = None) -> dict:
@@ -36,35 +72,17 @@ def run_demo(out: str = "fastdiff-demo", minutes: float = 9.0, preset: Optional[
     (see fastdiff.data.make_shapes) at a quarter of the 32x32 cost, which is what lets a
     2-core CPU train to clean samples in minutes; image_size=32 for the full resolution.
     v-prediction with the cosine schedule gives clean samples earliest in such short runs."""
-
     t_begin = time.time()
-    if threads is None:
-        threads = free_threads(announce="fastdiff demo")
-    torch.set_num_threads(threads)
+    torch.set_num_threads(threads if threads is not None else free_threads(announce="fastdiff demo"))
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    ddim_steps = 50
     config = TrainConfig(data="shapes", out=str(out_dir), steps=10 ** 7, preset=preset or "demo", batch_size=batch_size,
                          seed=seed, lr=lr, warmup_steps=100, ema_rate=0.999, class_cond=True, p_uncond=0.1,
                          image_size=image_size, prediction="v", schedule="cosine",
                          dataset_size=dataset_size, save_every=250, sample_at_end=False, model={},
                          log_every=10, bf16=not fp32, channels_last=not fp32)
-    # Budget: measure one sampling forward pass, keep 50 of them (x1.5) plus a margin for sampling.
     num_classes = len(SHAPE_CLASSES)
-    probe = UNet.preset(config.preset, num_classes=num_classes, diffusion=build_diffusion(config), image_size=image_size,
-                        **config.model).eval()
-    with torch.no_grad():
-        rows = 2 * n if config.resolved_guidance_scale > 0 else n  # guidance: both branches in one batch
-        xb, tb, yb = torch.randn(rows, 3, image_size, image_size), torch.full((rows,), 500), torch.arange(rows) % (num_classes + 1)
-        probe(xb, tb, y=yb)  # first call: allocator and kernel set-up
-        best = math.inf
-        for _ in range(2):
-            t0 = time.time()
-            probe(xb, tb, y=yb)
-            best = min(best, time.time() - t0)
-        sample_estimate = 1.5 * ddim_steps * best + 5.0
-    params = probe.num_parameters()
-    del probe
+    sample_estimate, params = _sampling_seconds(config, n, num_classes)
     # the rest of the margin: generating the data (~0.6 ms an image) and the final save
     train_seconds = 60.0 * minutes - (time.time() - t_begin) - sample_estimate - 5.0 - 6e-4 * dataset_size
     if train_seconds < 5:
@@ -73,7 +91,7 @@ def run_demo(out: str = "fastdiff-demo", minutes: float = 9.0, preset: Optional[
         train_seconds = 5.0
     config.max_minutes = train_seconds / 60.0
     print(f"fastdiff demo: training a {params / 1e6:.2f}M-parameter U-Net on the embedded shapes for "
-          f"{train_seconds / 60:.1f} min (of a {minutes:g} min budget), then DDIM-{ddim_steps} sampling "
+          f"{train_seconds / 60:.1f} min (of a {minutes:g} min budget), then DDIM-{DDIM_STEPS} sampling "
           f"{n} images (about {sample_estimate:.0f}s) into {out_dir}", flush=True)
     result = train(config)
     print(f"fastdiff demo: {result.step} steps at {result.steps_per_s:.2f} steps/s "
@@ -82,7 +100,7 @@ def run_demo(out: str = "fastdiff-demo", minutes: float = 9.0, preset: Optional[
     labels = (torch.arange(n) // num_classes) % num_classes  # one column per class: row k shows class k
     t0 = time.time()
     w = model.default_guidance_scale
-    x = sample(model, n=n, steps=ddim_steps, eta=0.0, seed=seed, y=labels, guidance_scale=w, progress=True)
+    x = sample(model, n=n, steps=DDIM_STEPS, eta=0.0, seed=seed, y=labels, guidance_scale=w, progress=True)
     sample_seconds = time.time() - t0
     save_image_grid(x, out_dir / "samples.png", nrow=min(num_classes, n), scale=max(2, 96 // image_size))
     np.savez(out_dir / "samples.npz", images=to_uint8(x).permute(0, 2, 3, 1).numpy(), labels=labels.numpy())
@@ -91,7 +109,7 @@ def run_demo(out: str = "fastdiff-demo", minutes: float = 9.0, preset: Optional[
         "train_steps": result.step, "train_seconds": round(result.seconds, 1),
         "train_steps_per_s": round(result.steps_per_s, 3), "train_images_per_s": round(result.samples_per_s, 2),
         "batch_size": batch_size, "image_size": image_size, "precision": "fp32" if fp32 else "bf16 autocast + channels_last",
-        "sampler": f"DDIM-{ddim_steps}, eta=0 (fp32)", "guidance_scale": w, "sample_images": n,
+        "sampler": f"DDIM-{DDIM_STEPS}, eta=0 (fp32)", "guidance_scale": w, "sample_images": n,
         "sample_seconds": round(sample_seconds, 1), "sample_images_per_s": round(n / sample_seconds, 3),
         "total_seconds": round(total, 1), "parameters": params, "final_loss": round(float(np.mean(
             [l for _, l in result.losses[-50:]])), 4) if result.losses else None,
@@ -99,16 +117,7 @@ def run_demo(out: str = "fastdiff-demo", minutes: float = 9.0, preset: Optional[
         platform.machine(), "backend": ops.current_backend(),
     }
     (out_dir / "speed.json").write_text(json.dumps(speed, indent=1) + "\n")
-    rows = "\n".join(f"| {i} | {name} |" for i, name in enumerate(SHAPE_CLASSES))
-    (out_dir / "README.md").write_text(
-        f"# fastdiff demo\n\nA {params / 1e6:.2f}M-parameter class-conditional U-Net "
-        f"({image_size}x{image_size}, v-prediction, cosine schedule) trained for "
-        f"{result.step} steps ({result.seconds / 60:.1f} min, batch {batch_size}) on the embedded `shapes` data, "
-        f"sampled with DDIM-{ddim_steps} (eta 0, EMA weights, classifier-free guidance w = {w:g}). "
-        f"Row k of the grid is class k.\n\n"
-        f"![samples](samples.png)\n\n![loss](loss.png)\n\n| row | class |\n|---|---|\n{rows}\n\n"
-        f"## Speed\n\n| measure | value |\n|---|---|\n"
-        + "".join(f"| {k} | {v} |\n" for k, v in speed.items()))
+    _write_readme(out_dir, speed, config, params, result.seconds / 60)
     print(f"fastdiff demo: done in {total / 60:.1f} min: {out_dir / 'samples.png'} (row k = {', '.join(SHAPE_CLASSES)}), "
           f"{out_dir / 'loss.png'}, {out_dir / 'speed.json'}, {out_dir / 'README.md'}")
     return speed
