@@ -272,7 +272,7 @@ def test_cuda_binding_checks(emulated):
     x = torch.zeros(2, 8)
 
     def step(**over):
-        kw = dict(x=x.data_ptr(), model_output=x.data_ptr(), y=x.data_ptr(), coef_table=0, step_index=0, batch=2,
+        kw = dict(x=x.data_ptr(), model_output=x.data_ptr(), y=x.data_ptr(), coef_table=0, step_index=0, table_rows=0, batch=2,
                   numel=4, out_stride=4, a1=1.0, a2=0.0, c1=1.0, c2=0.0, sigma=0.0, min_log=0.0, max_log=0.0, seed=0,
                   step=0, sample_offset=0, clip=False, variance_mode=0, storage=0, stream=0)
         kw.update(over)

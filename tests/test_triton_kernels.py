@@ -351,9 +351,9 @@ def test_attention_op_dispatches_to_triton():
 def test_unet_sampling_on_the_triton_path(monkeypatch):
     """The whole GPU path at once: a U-Net whose GroupNorm+SiLU and attention run the Triton
     kernels, sampled with the per-step Triton step and with the table-driven loop of
-    fastdiff.cuda_graphs (run without capture), against the reference backend."""
+    fastdiff.sampling.cuda_graphs (run without capture), against the reference backend."""
     import fastdiff
-    from fastdiff import cuda_graphs
+    from fastdiff.sampling import cuda_graphs
 
     torch.manual_seed(0)
     model = fastdiff.UNet.preset("tiny", image_size=8, model_channels=8, channel_mult=(1, 2), num_groups=4)
@@ -386,3 +386,73 @@ def test_sampler_step_in_place(variance_mode):
         ops.sampler_step(buffer, out, ops.StepCoefficients(*COEFS), seed=9, step=3, sample_offset=1,
                          clip_denoised=True, variance=("fixed", "learned")[variance_mode], out=buffer)
     torch.testing.assert_close(buffer, want, rtol=0, atol=0)
+
+
+# --------------------------------------------------------------------------- issue #18 §2 (items 2, 6)
+def test_every_launcher_runs_on_its_tensors_device():
+    """Triton and the CUDA C++ launchers launch on the *current* device: each public launcher
+    makes its first tensor's device current (checked by construction without two GPUs)."""
+    from fastdiff.triton_kernels import _common, cuda_native
+
+    launchers = [tk_step.sampler_step_triton, tk_step.sampler_step_table_triton, tk_gn.group_norm_silu_fwd_triton,
+                 tk_gn.group_norm_silu_bwd_triton, tk_attn.attention_fwd_triton, tk_attn.attention_bwd_triton,
+                 cuda_native.sampler_step_cuda, cuda_native.sampler_step_table_cuda,
+                 cuda_native.group_norm_silu_fwd_cuda, cuda_native.group_norm_silu_bwd_cuda]
+    assert all(getattr(f, "device_guarded", False) for f in launchers)
+
+    class _OnCuda1:
+        device = torch.device("cuda", 1)
+
+    guard = _common.device_guard(_OnCuda1())
+    assert isinstance(guard, torch.cuda.device) and guard.idx == 1
+    assert not isinstance(_common.device_guard(torch.zeros(1)), torch.cuda.device)
+
+
+def test_attention_grid_puts_batch_heads_on_the_unbounded_axis():
+    assert tk_attn.grid(33, 16, 70000) == (70000, 3)  # B * H = 70,000 > 65,535
+    with pytest.raises(ValueError, match="sequence length"):
+        tk_attn.grid(65536 * 16 + 1, 16, 1)
+
+
+@pytest.mark.parametrize("value", [0.1, -6.123456789012345, 1e-3 / 3, 12345.678901234567, 0.0, -1e-20])
+def test_fp64_scalars_reach_triton_exactly(value):
+    from fastdiff.triton_kernels._common import split_fp64
+    import struct
+
+    hi, lo, lo2 = split_fp64(value)
+    for part in (hi, lo, lo2):
+        assert struct.unpack("f", struct.pack("f", part))[0] == part  # each part is an fp32
+    assert hi + lo + lo2 == value
+
+
+def test_fp64_step_needs_no_host_to_device_copy(monkeypatch):
+    """The fp64 per-step path used to build a (1, 7) coefficient tensor on the device per step
+    (a host-to-device copy, illegal inside a CUDA-graph capture); its scalars now go as fp32 parts."""
+    x = _randn(2, 3, 5, seed=20).to(DEVICE)
+    out = _randn(2, 3, 5, seed=21).to(DEVICE)
+    coefs = [1.0 + 1e-12, -0.3 + 1e-14, 0.45, 0.6 - 1e-13, 0.0, -6.0, -3.0]  # no noise: Philox is fp32
+    want = sampler_step_reference(x, out, coefs, 5, 3, 0, False, 0)
+
+    def no_tensor(*args, **kwargs):
+        raise AssertionError("torch.tensor called on the per-step path")
+
+    monkeypatch.setattr(tk_step.torch, "tensor", no_tensor)
+    got = tk_step.sampler_step_triton(x, out, coefs, 5, 3, 0, False, 0)
+    monkeypatch.undo()
+    torch.testing.assert_close(got.cpu(), want.cpu(), rtol=1e-13, atol=1e-13)
+
+
+def test_table_step_with_zero_sigma_is_the_mean_and_index_is_clamped():
+    x = _randn(2, 3, 5, seed=22).float().to(DEVICE)
+    out = _randn(2, 3, 5, seed=23).float().to(DEVICE)
+    rows = [[1.1, -0.2, 0.5, 0.4, 0.0, 0.0, 0.0], [0.9, -0.1, 0.3, 0.6, 0.2, 0.0, 0.0]]
+    table = torch.tensor(rows, dtype=torch.float64, device=DEVICE)
+    got = tk_step.sampler_step_table_triton(x, out, table, torch.tensor(0, device=DEVICE), 1, 0, False, 0)
+    mean = 0.5 * (1.1 * x.double() - 0.2 * out.double()) + 0.4 * x.double()
+    torch.testing.assert_close(got.double(), mean, rtol=1e-6, atol=1e-6)
+    # an index outside [0, S) (a replay too many) reads the nearest row, never outside the table
+    high = tk_step.sampler_step_table_triton(x, out, table, torch.tensor(5, device=DEVICE), 1, 0, False, 0)
+    last = tk_step.sampler_step_table_triton(x, out, table, torch.tensor(1, device=DEVICE), 1, 0, False, 0)
+    torch.testing.assert_close(high, last, rtol=0, atol=0)
+    low = tk_step.sampler_step_table_triton(x, out, table, torch.tensor(-3, device=DEVICE), 1, 0, False, 0)
+    torch.testing.assert_close(low, got, rtol=0, atol=0)

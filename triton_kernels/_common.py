@@ -3,7 +3,11 @@ that call them: layouts, saved-statistics dtype, dense affine vectors. No Triton
 the ops layer can use it on machines without Triton."""
 from __future__ import annotations
 
-from typing import List, Optional
+import contextlib
+import functools
+import math
+import struct
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -55,3 +59,39 @@ def dense_head_dim(t: torch.Tensor) -> torch.Tensor:
 def head_strides(t: torch.Tensor) -> List[int]:
     """(batch, head, position) strides of a (B, H, L, D) tensor with a dense head dim."""
     return [int(s) for s in t.stride()[:3]]
+
+
+def device_guard(t: torch.Tensor):
+    """Make t's device current for a launch: Triton and the CUDA C++ launchers run on the
+    current device, which need not be the tensor's (tensors on cuda:1 while cuda:0 is current)."""
+    if t.device.type == "cuda":
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
+
+
+def split_fp64(value: float) -> Tuple[float, float, float]:
+    """(hi, lo, lo2), each exactly an fp32, with hi + lo + lo2 == value (3 x 24 bits >= 53) for
+    finite values in fp32's range: how an fp64 scalar reaches a Triton kernel, whose float
+    arguments are fp32."""
+    try:
+        hi = struct.unpack("f", struct.pack("f", value))[0]
+        rest = value - hi
+        lo = struct.unpack("f", struct.pack("f", rest))[0]
+        lo2 = struct.unpack("f", struct.pack("f", rest - lo))[0]
+    except (OverflowError, ValueError):
+        return value, 0.0, 0.0
+    if not math.isfinite(hi):
+        return value, 0.0, 0.0
+    return hi, lo, lo2
+
+
+def on_tensor_device(launcher):
+    """Decorator for a launcher: run it with its first tensor argument's device current
+    (`device_guard`). Every public launcher of the Triton and CUDA C++ kernels carries it."""
+    @functools.wraps(launcher)
+    def guarded(*args, **kwargs):
+        tensor = next((a for a in args if isinstance(a, torch.Tensor)), None)
+        with device_guard(tensor) if tensor is not None else contextlib.nullcontext():
+            return launcher(*args, **kwargs)
+    guarded.device_guarded = True
+    return guarded

@@ -1,6 +1,6 @@
 """Compile every Triton kernel for a GPU target on a machine without a GPU.
 
-    python -m fastdiff.triton_kernels.aot_check [--arch 90] [--full]
+    python -m fastdiff.triton_kernels.aot_check [--arch 90] [--full] [--no-spill-check]
 
 The interpreter (TRITON_INTERPRET=1) checks what the kernels compute, but not that they
 compile: it accepts things the compiler rejects (non-constexpr globals, `.to()` on an
@@ -9,6 +9,9 @@ tool runs the real launchers on small CPU tensors with Triton's driver replaced 
 whose target is `cuda:<arch>`, so each launch goes through Triton's own argument binding
 and specialisation, then the full compiler (TTIR -> TTGIR -> LLVM -> PTX -> cubin with the
 ptxas bundled in the triton wheel) instead of a launch. Nothing runs on a device.
+Each kernel's PTX then goes through that ptxas with -v: a kernel that spills registers to
+local memory, or needs more than SHARED_BUDGET bytes of shared memory (two blocks per SM on
+sm_90), fails the check.
 
 Do not import this module in a process that runs Triton kernels: it swaps the driver.
 """
@@ -58,19 +61,52 @@ class _StubDriver:
 
 # Largest dynamic shared memory per block (bytes) with the opt-in, per compute capability.
 MAX_SHARED = {80: 166912, 86: 101376, 89: 101376, 90: 232448, 100: 232448}
+# What a kernel may use: at most half of an SM's shared memory, so that two blocks fit.
+SHARED_BUDGET = 116 * 1024
 
 
-def _install(arch: int, compiled: List[Tuple[str, int]]):
+def ptxas_usage(ptx: str, arch: int) -> Tuple[int, int]:
+    """(registers per thread, spill-store bytes) that ptxas reports for one kernel's PTX."""
+    import re
+    import subprocess
+    import tempfile
+
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    ptxas = get_ptxas(arch).path
+    gpu = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "kernel.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        proc = subprocess.run([ptxas, "-v", "--gpu-name", gpu, src, "-o", os.path.join(tmp, "kernel.o")],
+                              capture_output=True, text=True, timeout=300)
+    if proc.returncode != 0:
+        raise RuntimeError(f"ptxas failed: {proc.stderr[-2000:]}")
+    regs = re.search(r"Used (\d+) registers", proc.stderr)
+    spills = re.search(r"(\d+) bytes spill stores", proc.stderr)
+    return int(regs.group(1)) if regs else 0, int(spills.group(1)) if spills else 0
+
+
+def _install(arch: int, compiled: List[Tuple[str, int]], spill_check: bool = True):
     """Stub the driver and make `kernel[grid](...)` compile (warm-up) instead of launching."""
     _triton_driver.set_active(_StubDriver(arch))
 
     def getitem(self, grid):
         def compile_only(*args, **kwargs):
+            if len(grid) > 1 and any(g > 65535 for g in grid[1:]):
+                raise RuntimeError(f"{self.fn.__name__}: grid {grid} exceeds 65,535 on axis 1 or 2")
             kernel = self.run(*args, grid=grid, warmup=True, **kwargs)
             shared = int(kernel.metadata.shared)
-            limit = MAX_SHARED.get(arch, 101376)
+            limit = min(MAX_SHARED.get(arch, 101376), SHARED_BUDGET)
             if shared > limit:
-                raise RuntimeError(f"{self.fn.__name__} needs {shared} bytes of shared memory; sm_{arch} has {limit}")
+                raise RuntimeError(f"{self.fn.__name__} needs {shared} bytes of shared memory; the budget on "
+                                   f"sm_{arch} is {limit}")
+            if spill_check:
+                regs, spills = ptxas_usage(kernel.asm["ptx"], arch)
+                if spills:
+                    raise RuntimeError(f"{self.fn.__name__} spills {spills} bytes of registers per thread on "
+                                       f"sm_{arch} ({regs} registers)")
             compiled.append((self.fn.__name__, shared))
 
         return compile_only
@@ -120,10 +156,12 @@ def _cases(full: bool) -> List[Tuple[str, Callable[[], object]]]:
         cases.append(("group_norm_silu fp32 S=1", lambda: tg.group_norm_silu_fwd_triton(x1, None, None, 4, 1e-5,
                                                                                        False)))
 
-    attn = [(torch.float16, 64), (torch.float32, 8), (torch.bfloat16, 256)]
+    # fp32 at D = 256 is what ddpm-cifar10 sampling runs; fp32 D = 64 spilled with the old tiles
+    attn = [(torch.float16, 64), (torch.float32, 8), (torch.bfloat16, 256), (torch.float32, 256),
+            (torch.float32, 64)]
     if full:
         attn += [(torch.float16, 8), (torch.float16, 40), (torch.float16, 128), (torch.float16, 256),
-                 (torch.float32, 64), (torch.bfloat16, 64)]
+                 (torch.float32, 128), (torch.bfloat16, 64)]
     for dtype, d in attn:
         q = torch.zeros(2, 2, 33, d, dtype=dtype)
 
@@ -135,10 +173,10 @@ def _cases(full: bool) -> List[Tuple[str, Callable[[], object]]]:
     return cases
 
 
-def run(arch: int = 90, full: bool = False, verbose: bool = True) -> List[Tuple[str, int]]:
+def run(arch: int = 90, full: bool = False, verbose: bool = True, spill_check: bool = True) -> List[Tuple[str, int]]:
     """Compile the cases; returns (kernel name, shared memory bytes) per compiled launch."""
     compiled: List[Tuple[str, int]] = []
-    _install(arch, compiled)
+    _install(arch, compiled, spill_check)
     for label, call in _cases(full):
         before = len(compiled)
         start = time.perf_counter()
@@ -153,8 +191,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--arch", type=int, default=90, help="compute capability x10, e.g. 80 or 90 (default 90)")
     p.add_argument("--full", action="store_true", help="every dtype / mode / head dim, not a representative set")
+    p.add_argument("--no-spill-check", action="store_true", help="do not run ptxas -v on each kernel")
     args = p.parse_args(argv)
-    compiled = run(args.arch, args.full)
+    compiled = run(args.arch, args.full, spill_check=not args.no_spill_check)
     print(f"compiled {len(compiled)} kernel specialisations for sm_{args.arch}")
     return 0
 

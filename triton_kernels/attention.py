@@ -26,19 +26,46 @@ import torch
 import triton
 import triton.language as tl
 
-from fastdiff.triton_kernels._common import dense_head_dim, head_strides
+from fastdiff.triton_kernels._common import dense_head_dim, head_strides, on_tensor_device
 
 _LOG2E = 1.4426950408889634
 LOG2E = tl.constexpr(_LOG2E)  # kernels may only read constexpr globals
 LN2 = tl.constexpr(0.6931471805599453)
 
 
-def _block_sizes(d_pad: int) -> Tuple[int, int]:
-    if d_pad <= 64:
-        return 64, 64
-    if d_pad <= 128:
-        return 64, 32
-    return 32, 32
+# (BLOCK_M, BLOCK_N, num_warps) per (pass, operand family, padded head dim). Chosen so that each
+# kernel compiles for sm_90 without register spills and with at most ~100 KiB of shared memory
+# (two blocks per SM), as measured with Triton 3.9's compiler and ptxas -v (aot_check --spills;
+# tests/test_triton_kernels.py runs it). The old fixed 64/32 tiles needed 164-200 KiB (fp32,
+# D = 256) and spilled 2-12 KiB per thread (fp32 D = 64 forward, every fp32 dK/dV kernel).
+# fp32 tiles hold twice the bytes of fp16/bf16 ones and run IEEE fp32 dots (no tensor cores),
+# so they are smaller; the backward keeps dK and dV (or dQ) accumulators and so is smaller still.
+_TILES = {
+    # pass, "fp32" | "half", D_PAD: (BLOCK_M, BLOCK_N, num_warps)
+    ("fwd", "half", 64): (64, 64, 4), ("fwd", "half", 128): (64, 32, 4), ("fwd", "half", 256): (32, 32, 4),
+    ("bwd", "half", 64): (64, 64, 4), ("bwd", "half", 128): (32, 32, 4), ("bwd", "half", 256): (32, 32, 8),
+    ("fwd", "fp32", 64): (32, 32, 4), ("fwd", "fp32", 128): (32, 16, 4), ("fwd", "fp32", 256): (16, 16, 4),
+    ("bwd", "fp32", 64): (32, 32, 8), ("bwd", "fp32", 128): (16, 16, 4), ("bwd", "fp32", 256): (16, 16, 4),
+}
+
+
+def tiles(pass_: str, dtype: torch.dtype, d_pad: int) -> Tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps) for one pass ("fwd" or "bwd"), dtype and padded head dim."""
+    family = "fp32" if dtype == torch.float32 else "half"
+    return _TILES[(pass_, family, max(64, d_pad))]
+
+
+# Grid: axis 0 is (batch * head) (up to 2^31 - 1 programs), axis 1 the row blocks of one head
+# (up to 65,535: L up to a million rows even with 16-row blocks). Axis 1 or 2 holding B * H
+# would cap it at 65,535.
+_MAX_GRID_Y = 65535
+
+
+def grid(rows: int, block: int, batch_heads: int) -> Tuple[int, int]:
+    blocks = triton.cdiv(rows, block)
+    if blocks > _MAX_GRID_Y:
+        raise ValueError(f"sequence length {rows} needs {blocks} blocks of {block} rows; at most {_MAX_GRID_Y}")
+    return batch_heads, blocks
 
 
 @triton.jit
@@ -60,8 +87,8 @@ def _attn_fwd_kernel(
     H, Lq, Lk, D, qk_scale_log2,  # scale * log2(e)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    m_block = tl.program_id(0)
-    bh = tl.program_id(1)
+    m_block = tl.program_id(1)
+    bh = tl.program_id(0)
     b = bh // H
     h = bh % H
     d_offs = tl.arange(0, D_PAD)
@@ -101,8 +128,8 @@ def _attn_bwd_delta_kernel(
     Lq, D,
     BLOCK_M: tl.constexpr, D_PAD: tl.constexpr,
 ):
-    m_block = tl.program_id(0)
-    bh = tl.program_id(1)
+    m_block = tl.program_id(1)
+    bh = tl.program_id(0)
     d_offs = tl.arange(0, D_PAD)
     base = bh.to(tl.int64) * Lq * D
     o = _load_rows(out_ptr + base, m_block * BLOCK_M, BLOCK_M, D, d_offs, D, Lq).to(tl.float32)
@@ -123,8 +150,8 @@ def _attn_bwd_dkdv_kernel(
     H, Lq, Lk, D, scale, qk_scale_log2,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    n_block = tl.program_id(0)
-    bh = tl.program_id(1)
+    n_block = tl.program_id(1)
+    bh = tl.program_id(0)
     b = bh // H
     h = bh % H
     d_offs = tl.arange(0, D_PAD)
@@ -145,13 +172,15 @@ def _attn_bwd_dkdv_kernel(
         row_valid = rows < Lq
         lse = tl.load(lse_ptr + bh.to(tl.int64) * Lq + rows, mask=row_valid, other=0.0)
         delta = tl.load(delta_ptr + bh.to(tl.int64) * Lq + rows, mask=row_valid, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale_log2
-        p = tl.exp2(s - (lse * LOG2E)[:, None])
-        p = tl.where(row_valid[:, None] & key_valid[None, :], p, 0.0)
-        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-        ds = p * (dp - delta[:, None])
-        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
+        # Transposed scores S^T = k q^T (BLOCK_N, BLOCK_M): P^T and dS^T come out in the layout the
+        # dK, dV products consume, with no transpose of a computed tile (which spilled in fp32).
+        st = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale_log2
+        pt = tl.exp2(st - (lse * LOG2E)[None, :])
+        pt = tl.where(key_valid[:, None] & row_valid[None, :], pt, 0.0)
+        dv += tl.dot(pt.to(do.dtype), do, input_precision=PRECISION)
+        dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+        dst = pt * (dpt - delta[None, :])
+        dk += tl.dot(dst.to(q.dtype), q, input_precision=PRECISION)
     cols = col0 + tl.arange(0, BLOCK_N)
     out_off = (bh.to(tl.int64) * Lk + cols[:, None]) * D + d_offs[None, :]
     mask = key_valid[:, None] & (d_offs[None, :] < D)
@@ -170,8 +199,8 @@ def _attn_bwd_dq_kernel(
     H, Lq, Lk, D, scale, qk_scale_log2,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    m_block = tl.program_id(0)
-    bh = tl.program_id(1)
+    m_block = tl.program_id(1)
+    bh = tl.program_id(0)
     b = bh // H
     h = bh % H
     d_offs = tl.arange(0, D_PAD)
@@ -215,8 +244,9 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"  # ignored for fp16/bf16 operands
 
 
+@on_tensor_device
 def attention_fwd_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-                         block_m: int = 0, block_n: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
+                         block_m: int = 0, block_n: int = 0, num_warps: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
     """Returns out (B, H, Lq, D) contiguous in q's dtype and lse (B, H, Lq) fp32, as
     `fastdiff::attention_fwd`."""
     _check_dtype(q)
@@ -224,19 +254,20 @@ def attention_fwd_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scal
     b, h, lq, d = q.shape
     lk = k.shape[2]
     d_pad = max(16, triton.next_power_of_2(d))
-    bm, bn = _block_sizes(d_pad)
-    bm, bn = block_m or bm, block_n or bn
+    bm, bn, warps = tiles("fwd", q.dtype, d_pad)
+    bm, bn, warps = block_m or bm, block_n or bn, num_warps or warps
     out = torch.empty((b, h, lq, d), dtype=q.dtype, device=q.device)
     lse = torch.empty((b, h, lq), dtype=torch.float32, device=q.device)
-    _attn_fwd_kernel[(triton.cdiv(lq, bm), b * h)](
+    _attn_fwd_kernel[grid(lq, bm, b * h)](
         q, k, v, out, lse, *_strides(q, k, v), h, lq, lk, d, float(scale) * _LOG2E,
-        BLOCK_M=bm, BLOCK_N=bn, D_PAD=d_pad, PRECISION=_precision(q.dtype), num_warps=4 if d_pad <= 64 else 8)
+        BLOCK_M=bm, BLOCK_N=bn, D_PAD=d_pad, PRECISION=_precision(q.dtype), num_warps=warps)
     return out, lse
 
 
+@on_tensor_device
 def attention_bwd_triton(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                          out: torch.Tensor, lse: torch.Tensor, scale: float, block_m: int = 0,
-                         block_n: int = 0) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                         block_n: int = 0, num_warps: int = 0) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (grad_q, grad_k, grad_v), contiguous, in q's dtype, as `fastdiff::attention_bwd`."""
     _check_dtype(q)
     q, k, v = dense_head_dim(q), dense_head_dim(k), dense_head_dim(v)
@@ -246,22 +277,19 @@ def attention_bwd_triton(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tenso
     b, h, lq, d = q.shape
     lk = k.shape[2]
     d_pad = max(16, triton.next_power_of_2(d))
-    bm, bn = _block_sizes(d_pad)
-    if d_pad > 64:
-        bm, bn = 32, 32  # the backward holds twice the tiles of the forward
-    bm, bn = block_m or bm, block_n or bn
+    bm, bn, warps = tiles("bwd", q.dtype, d_pad)
+    bm, bn, warps = block_m or bm, block_n or bn, num_warps or warps
     delta = torch.empty((b, h, lq), dtype=torch.float32, device=q.device)
-    _attn_bwd_delta_kernel[(triton.cdiv(lq, bm), b * h)](out, grad_out, delta, lq, d, BLOCK_M=bm, D_PAD=d_pad)
+    _attn_bwd_delta_kernel[grid(lq, bm, b * h)](out, grad_out, delta, lq, d, BLOCK_M=bm, D_PAD=d_pad)
     grad_q = torch.empty((b, h, lq, d), dtype=q.dtype, device=q.device)
     grad_k = torch.empty((b, h, lk, d), dtype=q.dtype, device=q.device)
     grad_v = torch.empty((b, h, lk, d), dtype=q.dtype, device=q.device)
     strides = _strides(q, k, v)
-    common = dict(BLOCK_M=bm, BLOCK_N=bn, D_PAD=d_pad, PRECISION=_precision(q.dtype),
-                  num_warps=4 if d_pad <= 64 else 8)
-    _attn_bwd_dkdv_kernel[(triton.cdiv(lk, bn), b * h)](
+    common = dict(BLOCK_M=bm, BLOCK_N=bn, D_PAD=d_pad, PRECISION=_precision(q.dtype), num_warps=warps)
+    _attn_bwd_dkdv_kernel[grid(lk, bn, b * h)](
         q, k, v, grad_out, lse, delta, grad_k, grad_v, *strides, h, lq, lk, d, float(scale),
         float(scale) * _LOG2E, **common)
-    _attn_bwd_dq_kernel[(triton.cdiv(lq, bm), b * h)](
+    _attn_bwd_dq_kernel[grid(lq, bm, b * h)](
         q, k, v, grad_out, lse, delta, grad_q, *strides, h, lq, lk, d, float(scale), float(scale) * _LOG2E,
         **common)
     return grad_q, grad_k, grad_v

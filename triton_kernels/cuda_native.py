@@ -15,7 +15,8 @@ from typing import Optional, Sequence, Tuple
 
 import torch
 
-from fastdiff.triton_kernels._common import dense_affine, empty_in_layout, require_layout
+from fastdiff.triton_kernels._common import (dense_affine, device_guard, empty_in_layout, on_tensor_device,
+                                             require_layout)
 
 try:
     from fastdiff import _C_cuda as lib  # type: ignore[attr-defined]
@@ -71,7 +72,8 @@ def _step(x_t, model_output, coefs, coef_table, step_index, seed, step, sample_o
     a1, a2, c1, c2, sigma, min_log, max_log = [float(c) for c in coefs]
     mod.sampler_step(x=x.data_ptr(), model_output=out.data_ptr(), y=y.data_ptr(),
                      coef_table=coef_table.data_ptr() if coef_table is not None else 0,
-                     step_index=step_index.data_ptr() if step_index is not None else 0, batch=batch, numel=numel,
+                     step_index=step_index.data_ptr() if step_index is not None else 0,
+                     table_rows=coef_table.shape[0] if coef_table is not None else 0, batch=batch, numel=numel,
                      out_stride=out[0].numel() if batch else 0, a1=a1, a2=a2, c1=c1, c2=c2, sigma=sigma,
                      min_log=min_log, max_log=max_log, seed=int(seed), step=int(step) & _MASK32,
                      sample_offset=int(sample_offset), clip=bool(clip), variance_mode=int(mode),
@@ -79,12 +81,14 @@ def _step(x_t, model_output, coefs, coef_table, step_index, seed, step, sample_o
     return y
 
 
+@on_tensor_device
 def sampler_step_cuda(x_t: torch.Tensor, model_output: torch.Tensor, coefs: Sequence[float], seed: int, step: int,
                       sample_offset: int, clip_denoised: bool, variance_mode: int, *, _lib=None) -> torch.Tensor:
     """As `fastdiff::sampler_step` (and `sampler_step_triton`)."""
     return _step(x_t, model_output, coefs, None, None, seed, step, sample_offset, clip_denoised, variance_mode, _lib)
 
 
+@on_tensor_device
 def sampler_step_table_cuda(x_t: torch.Tensor, model_output: torch.Tensor, coef_table: torch.Tensor,
                             step_index: torch.Tensor, seed: int, sample_offset: int, clip_denoised: bool,
                             variance_mode: int, *, _lib=None) -> torch.Tensor:
@@ -100,8 +104,10 @@ def randn_cuda(shape: Tuple[int, ...], seed: int, step: int, sample_offset: int 
     mod = _module(_lib, y)
     batch = y.shape[0] if y.dim() else 0
     if y.numel():
-        mod.philox_normal(y=y.data_ptr(), batch=batch, numel=y[0].numel(), seed=int(seed), step=int(step) & _MASK32,
-                          sample_offset=int(sample_offset), storage=_storage(dtype, mod), stream=_stream(y))
+        with device_guard(y):
+            mod.philox_normal(y=y.data_ptr(), batch=batch, numel=y[0].numel(), seed=int(seed),
+                              step=int(step) & _MASK32,
+                              sample_offset=int(sample_offset), storage=_storage(dtype, mod), stream=_stream(y))
     return y
 
 
@@ -109,6 +115,7 @@ def randn_cuda(shape: Tuple[int, ...], seed: int, step: int, sample_offset: int 
 _GN_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # fp32 statistics: no float64 kernel
 
 
+@on_tensor_device
 def group_norm_silu_fwd_cuda(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                              num_groups: int, eps: float, act: bool, *, _lib=None
                              ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -130,6 +137,7 @@ def group_norm_silu_fwd_cuda(x: torch.Tensor, weight: Optional[torch.Tensor], bi
     return y, mean, rstd
 
 
+@on_tensor_device
 def group_norm_silu_bwd_cuda(grad_y: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor],
                              bias: Optional[torch.Tensor], mean: torch.Tensor, rstd: torch.Tensor, num_groups: int,
                              eps: float, act: bool, *, _lib=None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

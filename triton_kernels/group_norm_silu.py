@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastdiff.triton_kernels._common import dense_affine, empty_in_layout, require_layout
+from fastdiff.triton_kernels._common import dense_affine, empty_in_layout, on_tensor_device, require_layout
 
 TILE_ELEMENTS = 2048
 TARGET_PROGRAMS = 1024  # enough to fill 132 SMs several times over
@@ -270,6 +270,7 @@ def tile_config(n: int, c: int, s: int, channels_last: bool, tile_elements: int 
     return block_c, block_s, c_blocks, splits, s_per_split
 
 
+@on_tensor_device
 def group_norm_silu_fwd_triton(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                                num_groups: int, eps: float, act: bool, *, tile_elements: int = TILE_ELEMENTS,
                                target_programs: int = TARGET_PROGRAMS
@@ -301,6 +302,7 @@ def group_norm_silu_fwd_triton(x: torch.Tensor, weight: Optional[torch.Tensor], 
     return y, mean, rstd
 
 
+@on_tensor_device
 def group_norm_silu_bwd_triton(grad_y: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor],
                                bias: Optional[torch.Tensor], mean: torch.Tensor, rstd: torch.Tensor,
                                num_groups: int, eps: float, act: bool, *, tile_elements: int = TILE_ELEMENTS,

@@ -23,6 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fastdiff.triton_kernels._common import device_guard, on_tensor_device, split_fp64
+
 # Kernels may only read globals that are constexpr.
 PHILOX_M0 = tl.constexpr(0xD2511F53)
 PHILOX_M1 = tl.constexpr(0xCD9E8D57)
@@ -78,6 +80,12 @@ def _philox_normals(first_quad, sample, step, k0, k1, QUADS: tl.constexpr):
     return tl.reshape(tl.join(tl.join(n0, n2), tl.join(n1, n3)), (4 * QUADS,))
 
 
+@triton.jit
+def _f64(hi, lo, lo2):
+    """hi + lo + lo2 in fp64: the double split by `split_fp64` into three fp32 scalars."""
+    return tl.cast(hi, tl.float64) + tl.cast(lo, tl.float64) + tl.cast(lo2, tl.float64)
+
+
 # --------------------------------------------------------------------------- kernels
 @triton.jit(do_not_specialize=["step_arg", "key_lo", "key_hi", "sample_offset"])
 def _sampler_step_kernel(
@@ -86,7 +94,10 @@ def _sampler_step_kernel(
     y_ptr,            # out, (batch, numel) dense, x's dtype
     coef_ptr,         # in,  (S, 7) float64 table [a1, a2, c1, c2, sigma, min_log, max_log]; FROM_TABLE only
     index_ptr,        # in,  () int64 step index into the table, also the Philox step; FROM_TABLE only
-    a1, a2, c1, c2, sigma, min_log, max_log,  # scalars; used when not FROM_TABLE
+    table_rows,       # S; the index is clamped to [0, S) so no launch reads outside the table
+    a1, a2, c1, c2, sigma, min_log, max_log,  # fp32 scalars (the high part of each); when not FROM_TABLE
+    a1_lo, a2_lo, c1_lo, c2_lo, sigma_lo, min_log_lo, max_log_lo,  # COMPUTE_F64: the rest, as fp32 pairs
+    a1_lo2, a2_lo2, c1_lo2, c2_lo2, sigma_lo2, min_log_lo2, max_log_lo2,  # (value = hi + lo + lo2 exactly)
     step_arg,         # Philox step (< 2^32); used when not FROM_TABLE
     key_lo, key_hi,   # seed mod 2^32, seed >> 32
     sample_offset,    # global index of sample 0
@@ -97,7 +108,6 @@ def _sampler_step_kernel(
     CLIP: tl.constexpr,
     NOISE: tl.constexpr,       # False: sigma is known to be 0 (per-step path only)
     FROM_TABLE: tl.constexpr,
-    HOST_STEP: tl.constexpr,   # the Philox step is step_arg even when coefficients come from the table
     COMPUTE_F64: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
@@ -110,8 +120,16 @@ def _sampler_step_kernel(
     sample64 = sample.to(tl.int64)
     acc = tl.float64 if COMPUTE_F64 else tl.float32
 
+    if COMPUTE_F64 and not FROM_TABLE:  # Triton passes Python floats as fp32: rebuild the doubles
+        a1 = _f64(a1, a1_lo, a1_lo2)
+        a2 = _f64(a2, a2_lo, a2_lo2)
+        c1 = _f64(c1, c1_lo, c1_lo2)
+        c2 = _f64(c2, c2_lo, c2_lo2)
+        sigma = _f64(sigma, sigma_lo, sigma_lo2)
+        min_log = _f64(min_log, min_log_lo, min_log_lo2)
+        max_log = _f64(max_log, max_log_lo, max_log_lo2)
     if FROM_TABLE:
-        idx = tl.load(index_ptr)
+        idx = tl.minimum(tl.maximum(tl.load(index_ptr), 0), table_rows - 1)
         row = coef_ptr + idx * 7
         a1 = tl.load(row + 0).to(acc)
         a2 = tl.load(row + 1).to(acc)
@@ -120,7 +138,7 @@ def _sampler_step_kernel(
         sigma = tl.load(row + 4).to(acc)
         min_log = tl.load(row + 5).to(acc)
         max_log = tl.load(row + 6).to(acc)
-    if FROM_TABLE and not HOST_STEP:
+    if FROM_TABLE:
         step = idx.to(tl.uint32)
     else:
         step = step_arg.to(tl.int64).to(tl.uint32)
@@ -132,24 +150,23 @@ def _sampler_step_kernel(
     if CLIP:
         x0 = tl.minimum(tl.maximum(x0, -1.0), 1.0)
     value = c1 * x0 + c2 * x
+    # NOISE: sigma may be nonzero (per-step path: known on the host). The table path decides on
+    # the device, per launch: sigma == 0 (eta = 0, the last step) skips Philox altogether.
     if NOISE:
-        k0 = key_lo.to(tl.int64).to(tl.uint32)
-        k1 = key_hi.to(tl.int64).to(tl.uint32)
-        counter_sample = (sample_offset + sample64).to(tl.uint32)
-        z = _philox_normals((first // 4).to(tl.uint32), counter_sample, step, k0, k1, BLOCK // 4)
-        scale = sigma
-        if MODE == 1:
-            v = tl.load(out_row + numel + offs, mask=mask, other=0.0).to(acc)
-            scale = sigma * tl.exp(0.5 * v)
-        if MODE == 2:
-            v = tl.load(out_row + numel + offs, mask=mask, other=0.0).to(acc)
-            frac = 0.5 * (v + 1.0)  # Eq. 101 (errata): v in [-1, 1]
-            scale = sigma * tl.exp(0.5 * (frac * max_log + (1.0 - frac) * min_log))
-        noisy = value + scale * z.to(acc)
-        if FROM_TABLE:
-            value = tl.where(sigma != 0.0, noisy, value)  # exactly the reference's `if sigma != 0`
-        else:
-            value = noisy
+        if sigma != 0.0:
+            k0 = key_lo.to(tl.int64).to(tl.uint32)
+            k1 = key_hi.to(tl.int64).to(tl.uint32)
+            counter_sample = (sample_offset + sample64).to(tl.uint32)
+            z = _philox_normals((first // 4).to(tl.uint32), counter_sample, step, k0, k1, BLOCK // 4)
+            scale = sigma
+            if MODE == 1:
+                v = tl.load(out_row + numel + offs, mask=mask, other=0.0).to(acc)
+                scale = sigma * tl.exp(0.5 * v)
+            if MODE == 2:
+                v = tl.load(out_row + numel + offs, mask=mask, other=0.0).to(acc)
+                frac = 0.5 * (v + 1.0)  # Eq. 101 (errata): v in [-1, 1]
+                scale = sigma * tl.exp(0.5 * (frac * max_log + (1.0 - frac) * min_log))
+            value = value + scale * z.to(acc)
     tl.store(y_ptr + sample64 * numel + offs, value.to(y_ptr.dtype.element_ty), mask=mask)
 
 
@@ -229,29 +246,28 @@ def _launch(x_t, model_output, coefs, coef_table, step_index, seed, step, sample
     if batch == 0 or numel == 0:
         return y if result is None else result
     blocks = triton.cdiv(numel, BLOCK)
-    a1, a2, c1, c2, sigma, min_log, max_log = [float(c) for c in coefs]
-    host_step = coef_table is None
-    if coef_table is None and x.dtype == torch.float64:
-        # Triton passes Python floats as fp32; fp64 storage gets its coefficients at full precision.
-        coef_table = torch.tensor([list(map(float, coefs))], dtype=torch.float64, device=x.device)
-        step_index = torch.zeros((), dtype=torch.int64, device=x.device)
+    # Triton passes Python floats as fp32: each coefficient goes as three fp32 parts that the
+    # fp64 kernel sums back exactly (no per-step host-to-device copy, legal inside a capture).
+    parts = list(zip(*(split_fp64(float(c)) for c in coefs)))
     from_table = coef_table is not None
     dummy = x
-    _sampler_step_kernel[(batch * blocks,)](
-        x, out, y,
-        coef_table if from_table else dummy, step_index if from_table else dummy,
-        a1, a2, c1, c2, sigma, min_log, max_log,
-        int(step), seed & _MASK32, seed >> 32, int(sample_offset), numel, out_stride, blocks,
-        MODE=int(variance_mode), CLIP=bool(clip_denoised), NOISE=bool(noise), FROM_TABLE=from_table,
-        HOST_STEP=host_step,
-        COMPUTE_F64=x.dtype == torch.float64, BLOCK=BLOCK, num_warps=4,
-    )
+    with device_guard(x):
+        _sampler_step_kernel[(batch * blocks,)](
+            x, out, y,
+            coef_table if from_table else dummy, step_index if from_table else dummy,
+            coef_table.shape[0] if from_table else 1,
+            *parts[0], *parts[1], *parts[2],
+            int(step), seed & _MASK32, seed >> 32, int(sample_offset), numel, out_stride, blocks,
+            MODE=int(variance_mode), CLIP=bool(clip_denoised), NOISE=bool(noise), FROM_TABLE=from_table,
+            COMPUTE_F64=x.dtype == torch.float64, BLOCK=BLOCK, num_warps=4,
+        )
     if result is not None and not direct:
         result.copy_(y)
         return result
     return y
 
 
+@on_tensor_device
 def sampler_step_triton(x_t: torch.Tensor, model_output: torch.Tensor, coefs: Sequence[float], seed: int,
                         step: int, sample_offset: int, clip_denoised: bool, variance_mode: int,
                         out: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -261,6 +277,7 @@ def sampler_step_triton(x_t: torch.Tensor, model_output: torch.Tensor, coefs: Se
                    variance_mode, noise=float(coefs[4]) != 0.0, result=out)
 
 
+@on_tensor_device
 def sampler_step_table_triton(x_t: torch.Tensor, model_output: torch.Tensor, coef_table: torch.Tensor,
                               step_index: torch.Tensor, seed: int, sample_offset: int, clip_denoised: bool,
                               variance_mode: int) -> torch.Tensor:
@@ -280,8 +297,9 @@ def randn_triton(shape: Tuple[int, ...], seed: int, step: int, sample_offset: in
     numel = y[0].numel() if batch else 0
     if batch and numel:
         blocks = triton.cdiv(numel, BLOCK)
-        _normal_kernel[(batch * blocks,)](y, int(step), seed & _MASK32, seed >> 32, int(sample_offset), numel,
-                                          blocks, BLOCK=BLOCK, num_warps=4)
+        with device_guard(y):
+            _normal_kernel[(batch * blocks,)](y, int(step), seed & _MASK32, seed >> 32, int(sample_offset), numel,
+                                              blocks, BLOCK=BLOCK, num_warps=4)
     return y
 
 
@@ -292,5 +310,6 @@ def philox_bits_triton(counters: torch.Tensor, key: int) -> torch.Tensor:
     n = counters.shape[1]
     out = torch.empty_like(counters)
     if n:
-        _philox_bits_kernel[(triton.cdiv(n, 256),)](counters, out, key & _MASK32, key >> 32, n, BLOCK=256)
+        with device_guard(out):
+            _philox_bits_kernel[(triton.cdiv(n, 256),)](counters, out, key & _MASK32, key >> 32, n, BLOCK=256)
     return out

@@ -74,7 +74,7 @@ PYBIND11_MODULE(FASTDIFF_CUDA_MODULE_NAME, m) {
   m.def(
       "sampler_step",
       [](uintptr_t x, uintptr_t model_output, uintptr_t y, uintptr_t coef_table, uintptr_t step_index,
-         int64_t batch, int64_t numel, int64_t out_stride, double a1, double a2, double c1, double c2,
+         int64_t table_rows, int64_t batch, int64_t numel, int64_t out_stride, double a1, double a2, double c1, double c2,
          double sigma, double min_log, double max_log, uint64_t seed, uint32_t step, uint32_t sample_offset,
          bool clip, int variance_mode, int storage, uintptr_t stream) {
         const char* where = "sampler_step";
@@ -87,17 +87,19 @@ PYBIND11_MODULE(FASTDIFF_CUDA_MODULE_NAME, m) {
         check_elementwise_grid(where, batch, numel);
         if ((coef_table == 0) != (step_index == 0))
           fail(where, "coef_table and step_index must be given together (or neither)");
+        if (coef_table != 0) check_at_least(where, "table_rows", table_rows, 1);
         if (batch * numel > 0)
           for (uintptr_t p : {x, model_output, y}) check_pointer(where, "tensor", p);
         SamplerStepArgs a{ptr<const void>(x), ptr<const void>(model_output), ptr<void>(y),
-                          ptr<const double>(coef_table), ptr<const int64_t>(step_index), batch, numel, out_stride,
+                          ptr<const double>(coef_table), ptr<const int64_t>(step_index), table_rows, batch, numel,
+                          out_stride,
                           a1, a2, c1, c2, sigma, min_log, max_log, seed, step, sample_offset, clip,
                           variance_mode, storage};
         py::gil_scoped_release release;
         check(fastdiff_cuda::sampler_step(a, as_stream(stream)), "sampler_step");
       },
       py::arg("x"), py::arg("model_output"), py::arg("y"), py::arg("coef_table"), py::arg("step_index"),
-      py::arg("batch"), py::arg("numel"), py::arg("out_stride"), py::arg("a1"), py::arg("a2"), py::arg("c1"),
+      py::arg("table_rows"), py::arg("batch"), py::arg("numel"), py::arg("out_stride"), py::arg("a1"), py::arg("a2"), py::arg("c1"),
       py::arg("c2"), py::arg("sigma"), py::arg("min_log"), py::arg("max_log"), py::arg("seed"), py::arg("step"),
       py::arg("sample_offset"), py::arg("clip"), py::arg("variance_mode"), py::arg("storage"), py::arg("stream"));
 

@@ -137,32 +137,46 @@ __global__ void finalize_stats_kernel(const T* __restrict__ x, const float* __re
   }
 }
 
-template <bool kCL>
-__device__ __forceinline__ void decompose(int64_t i, int64_t C, int64_t S, int64_t* n, int64_t* c) {
-  if (kCL) {
-    *c = i % C;
-    *n = i / (S * C);
-  } else {
-    *c = (i / S) % C;
-    *n = i / (C * S);
-  }
-}
+// The elementwise passes walk rows of the layout's contiguous axis, one warp per row: NCS rows
+// are (n, c) and run over s, NSC rows are (n, s) and run over c. The (n, c) or n of a row
+// costs one division per row; inside a row only 32-bit arithmetic remains (C < 2^31 is checked
+// at the binding), where the old grid-stride loop paid 64-bit division and modulo per element.
+constexpr int kWarpsPerBlock = kThreads / 32;
 
-// Elementwise over the N*C*S elements in memory order (grid-stride).
+// Elementwise: y = silu(x * scale_c + shift_c) with scale = w rstd, shift = b - mean w rstd.
 template <typename T, bool kCL, bool kAct>
 __global__ void normalize_kernel(const T* __restrict__ x, const float* __restrict__ w, const float* __restrict__ b,
                                  const float* __restrict__ mean, const float* __restrict__ rstd, T* __restrict__ y,
-                                 int64_t numel, int64_t C, int64_t S, int64_t G) {
-  const int64_t cg = C / G;
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < numel;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    int64_t n, c;
-    decompose<kCL>(i, C, S, &n, &c);
-    const int64_t ng = n * G + c / cg;
-    const float scale = w[c] * rstd[ng];
-    float z = to_acc(x[i]) * scale + (b[c] - mean[ng] * scale);
-    if (kAct) z = z * sigmoid(z);
-    y[i] = from_acc<T>(z);
+                                 int64_t N, int64_t C, int64_t S, int64_t G) {
+  const int lane = threadIdx.x % 32;
+  const int cg = static_cast<int>(C / G), channels = static_cast<int>(C);
+  const int64_t rows = kCL ? N * S : N * C, len = kCL ? C : S;
+  for (int64_t row = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32; row < rows;
+       row += static_cast<int64_t>(gridDim.x) * kWarpsPerBlock) {
+    const T* xr = x + row * len;
+    T* yr = y + row * len;
+    if (!kCL) {
+      const int64_t n = row / C;
+      const int c = static_cast<int>(row - n * C);
+      const int64_t ng = n * G + c / cg;
+      const float scale = w[c] * rstd[ng], shift = b[c] - mean[ng] * scale;
+      for (int64_t s = lane; s < S; s += 32) {
+        float z = to_acc(xr[s]) * scale + shift;
+        if (kAct) z = z * sigmoid(z);
+        yr[s] = from_acc<T>(z);
+      }
+    } else {
+      const int64_t n = row / S;
+      const float* mean_n = mean + n * G;
+      const float* rstd_n = rstd + n * G;
+      for (int c = lane; c < channels; c += 32) {
+        const int g = c / cg;
+        const float scale = w[c] * rstd_n[g];
+        float z = to_acc(xr[c]) * scale + (b[c] - mean_n[g] * scale);
+        if (kAct) z = z * sigmoid(z);
+        yr[c] = from_acc<T>(z);
+      }
+    }
   }
 }
 
@@ -247,31 +261,53 @@ __global__ void bwd_group_kernel(const float* __restrict__ dsum, const float* __
   }
 }
 
+template <typename T>
+__device__ __forceinline__ float grad_x_value(T gy, T xv, float wc, float bc, float mu, float rs, float ca, float cb,
+                                              bool act) {
+  const float xhat = (to_acc(xv) - mu) * rs;
+  float dz = to_acc(gy);
+  if (act) {
+    const float z = wc * xhat + bc, sg = sigmoid(z);
+    dz *= sg * (1.f + z * (1.f - sg));
+  }
+  return rs * (wc * dz - ca - xhat * cb);
+}
+
+// Elementwise, rows as in normalize_kernel: grad_x = rstd (w dz - A - xhat B).
 template <typename T, bool kCL, bool kAct>
 __global__ void bwd_dx_kernel(const T* __restrict__ grad_y, const T* __restrict__ x, const float* __restrict__ w,
                               const float* __restrict__ b, const float* __restrict__ mean,
                               const float* __restrict__ rstd, const float* __restrict__ coef_a,
-                              const float* __restrict__ coef_b, T* __restrict__ grad_x, int64_t numel, int64_t C,
+                              const float* __restrict__ coef_b, T* __restrict__ grad_x, int64_t N, int64_t C,
                               int64_t S, int64_t G) {
-  const int64_t cg = C / G;
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < numel;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    int64_t n, c;
-    decompose<kCL>(i, C, S, &n, &c);
-    const int64_t ng = n * G + c / cg;
-    const float rs = rstd[ng], xhat = (to_acc(x[i]) - mean[ng]) * rs;
-    float dz = to_acc(grad_y[i]);
-    if (kAct) {
-      const float z = w[c] * xhat + b[c], sg = sigmoid(z);
-      dz *= sg * (1.f + z * (1.f - sg));
+  const int lane = threadIdx.x % 32;
+  const int cg = static_cast<int>(C / G), channels = static_cast<int>(C);
+  const int64_t rows = kCL ? N * S : N * C, len = kCL ? C : S;
+  for (int64_t row = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32; row < rows;
+       row += static_cast<int64_t>(gridDim.x) * kWarpsPerBlock) {
+    const int64_t offset = row * len;
+    if (!kCL) {
+      const int64_t n = row / C;
+      const int c = static_cast<int>(row - n * C);
+      const int64_t ng = n * G + c / cg;
+      const float wc = w[c], bc = b[c], mu = mean[ng], rs = rstd[ng], ca = coef_a[ng], cb = coef_b[ng];
+      for (int64_t s = lane; s < S; s += 32)
+        grad_x[offset + s] =
+            from_acc<T>(grad_x_value(grad_y[offset + s], x[offset + s], wc, bc, mu, rs, ca, cb, kAct));
+    } else {
+      const int64_t n0 = (row / S) * G;
+      for (int c = lane; c < channels; c += 32) {
+        const int64_t ng = n0 + c / cg;
+        grad_x[offset + c] = from_acc<T>(grad_x_value(grad_y[offset + c], x[offset + c], w[c], b[c], mean[ng],
+                                                      rstd[ng], coef_a[ng], coef_b[ng], kAct));
+      }
     }
-    grad_x[i] = from_acc<T>(rs * (w[c] * dz - coef_a[ng] - xhat * coef_b[ng]));
   }
 }
 
-unsigned elementwise_blocks(int64_t numel) {
-  const int64_t blocks = (numel + kThreads - 1) / kThreads;
-  return static_cast<unsigned>(blocks < 65536 * 8 ? blocks : 65536 * 8);
+unsigned row_blocks(int64_t rows) {
+  const int64_t blocks = (rows + kWarpsPerBlock - 1) / kWarpsPerBlock;
+  return static_cast<unsigned>(blocks < (1 << 20) ? blocks : (1 << 20));  // the kernels loop over the rest
 }
 
 template <typename T, bool kCL, bool kAct>
@@ -285,9 +321,8 @@ cudaError_t forward_typed(const GroupNormArgs& a, cudaStream_t stream) {
   FASTDIFF_LAUNCH(grid, kThreads, stream, partial_stats_kernel<T, kCL>)(x, sum, sumsq, a.n, a.c, a.s, s_per_split);
   FASTDIFF_LAUNCH(static_cast<unsigned>(a.n * a.groups), kThreads, stream, finalize_stats_kernel<T, kCL>)(
       x, sum, sumsq, a.mean, a.rstd, a.n, a.c, a.s, a.groups, a.splits, a.eps);
-  const int64_t numel = a.n * a.c * a.s;
-  FASTDIFF_LAUNCH(elementwise_blocks(numel), kThreads, stream, normalize_kernel<T, kCL, kAct>)(
-      x, a.weight, a.bias, a.mean, a.rstd, static_cast<T*>(a.y), numel, a.c, a.s, a.groups);
+  FASTDIFF_LAUNCH(row_blocks(kCL ? a.n * a.s : a.n * a.c), kThreads, stream, normalize_kernel<T, kCL, kAct>)(
+      x, a.weight, a.bias, a.mean, a.rstd, static_cast<T*>(a.y), a.n, a.c, a.s, a.groups);
   return cudaGetLastError();
 }
 
@@ -308,9 +343,8 @@ cudaError_t backward_typed(const GroupNormBackwardArgs& a, cudaStream_t stream) 
       dsum, dbias, a.grad_weight, a.grad_bias, a.splits * a.n, a.c);
   FASTDIFF_LAUNCH(static_cast<unsigned>(a.n * a.groups), 32, stream, bwd_group_kernel)(dsum, dbias, a.weight, coef_a, coef_b,
                                                                              a.n, a.c, a.s, a.groups, a.splits);
-  const int64_t numel = a.n * a.c * a.s;
-  FASTDIFF_LAUNCH(elementwise_blocks(numel), kThreads, stream, bwd_dx_kernel<T, kCL, kAct>)(
-      gy, x, a.weight, a.bias, a.mean, a.rstd, coef_a, coef_b, static_cast<T*>(a.grad_x), numel, a.c, a.s, a.groups);
+  FASTDIFF_LAUNCH(row_blocks(kCL ? a.n * a.s : a.n * a.c), kThreads, stream, bwd_dx_kernel<T, kCL, kAct>)(
+      gy, x, a.weight, a.bias, a.mean, a.rstd, coef_a, coef_b, static_cast<T*>(a.grad_x), a.n, a.c, a.s, a.groups);
   return cudaGetLastError();
 }
 

@@ -31,6 +31,7 @@ struct SamplerStepArgs {
   void* y;                   // out, (batch, numel) dense
   const double* coef_table;  // in,  (S, 7) [a1, a2, c1, c2, sigma, min_log, max_log], or nullptr
   const int64_t* step_index; // in,  () row of coef_table and Philox step, or nullptr
+  int64_t table_rows;        // S: the index is clamped to [0, S)
   int64_t batch, numel, out_stride;
   double a1, a2, c1, c2, sigma, min_log, max_log;  // used when coef_table is nullptr
   uint64_t seed;
