@@ -145,21 +145,24 @@ class _Run:
         return out.float()
 
     def _batch(self, step: int):
-        """(x0, t, importance weights, noise, model kwargs) of `step`, from its own generators."""
+        """(x0, t, importance weights, noise, model kwargs) of `step`, from its own generators.
+        t, noise and label dropout are drawn for the global batch (all ranks) and sliced, so W
+        ranks of batch B see what one process of batch W B sees (dropout masks stay per rank)."""
         config, device, rank = self.config, self.device, self.rank
         x, y = self.dataset.batch(self.sampler.indices(step))
         x = x.to(device, non_blocking=True)
         if config.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        gen = torch.Generator().manual_seed(step_seed(config.seed, step, rank, 1))
+        n, mine = x.shape[0] * self.world, slice(rank * x.shape[0], (rank + 1) * x.shape[0])
+        gen = torch.Generator().manual_seed(step_seed(config.seed, step, 0, 1))
         dev_gen = gen if device.type == "cpu" else \
-            torch.Generator(device).manual_seed(step_seed(config.seed, step, rank, 2))
+            torch.Generator(device).manual_seed(step_seed(config.seed, step, 0, 2))
         torch.manual_seed(step_seed(config.seed, step, rank, 3))  # dropout masks
-        t, weights = self.diffusion.t_sampler.sample(x.shape[0], device, gen)
-        noise = torch.randn(x.shape, generator=dev_gen, device=device, dtype=x.dtype)
+        t, weights = (v[mine] for v in self.diffusion.t_sampler.sample(n, device, gen))
+        noise = torch.randn((n, *x.shape[1:]), generator=dev_gen, device=device, dtype=x.dtype)[mine]
         kwargs = {}
         if config.class_cond:
-            drop = torch.rand(x.shape[0], generator=gen) < config.p_uncond
+            drop = torch.rand(n, generator=gen)[mine] < config.p_uncond
             y = torch.where(drop, torch.full_like(y, self.model.num_classes), y)
             kwargs["y"] = y.to(device)
         return x, t, weights, noise, kwargs
