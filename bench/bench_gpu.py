@@ -15,7 +15,10 @@ that matters):
 - sampling:        DDIM-50, fastdiff.UNet.preset("ddpm-cifar10") at batch 64, fp16: plain loop, CUDA graph,
                    compile="reduce-overhead"; diffusers' UNet2DModel of the same configuration eager fp16
                    and torch.compile'd (skipped when diffusers is absent)
-Timing: CUDA events around `iters` calls after warm-up, median of `repeats`.
+Timing: after warm-up, each call between two CUDA events, a 256 MiB buffer written before it so
+that its inputs come from HBM rather than the 60 MB L2 (`flush=True`); the median of
+iters x repeats calls. Sampling: CUDA events around whole runs, median of `repeats`. A call that
+raises costs its own row (an "error" entry), never the rest of the group.
 """
 from __future__ import annotations
 
@@ -23,7 +26,6 @@ import argparse
 import json
 import math
 import sys
-import time
 from typing import Callable, Dict, List
 
 import torch
@@ -32,22 +34,47 @@ GROUPS = ("copy", "sampler_step", "group_norm_silu", "attention", "sampling")
 
 
 # --------------------------------------------------------------------------- timing
-def cuda_time_ms(fn: Callable[[], object], iters: int = 20, repeats: int = 5, warmup: int = 3) -> float:
-    """Median over `repeats` of the mean time of `iters` calls, in ms (CUDA events)."""
+_L2_FLUSH_BYTES = 256 << 20  # well past the 50-60 MB L2 of an H100/H200
+_flush_buffer: List[torch.Tensor] = []
+
+
+def _flush_l2() -> None:
+    if not _flush_buffer:
+        _flush_buffer.append(torch.empty(_L2_FLUSH_BYTES // 4, dtype=torch.float32, device="cuda"))
+    _flush_buffer[0].zero_()
+
+
+def cuda_time_ms(fn: Callable[[], object], iters: int = 10, repeats: int = 5, warmup: int = 3,
+                 flush: bool = True) -> float:
+    """Median per-call time in ms over iters * repeats calls, each between CUDA events, with the
+    L2 flushed before each call when `flush` (see the module docstring)."""
     for _ in range(warmup):
         fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
+    events = []
+    for _ in range(iters * repeats):
+        if flush:
+            _flush_l2()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        for _ in range(iters):
-            fn()
+        fn()
         end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / iters)
-    times.sort()
+        events.append((start, end))
+    torch.cuda.synchronize()
+    times = sorted(start.elapsed_time(end) for start, end in events)
     return times[len(times) // 2]
+
+
+def _timed_rows(group: str, impls: Dict, tag: str, rows: List[Dict], figure: Callable[[float, object], Dict],
+                **timing) -> None:
+    """Time each impl (name -> (fn, work)); a failure costs that row only."""
+    for name, (fn, work) in impls.items():
+        label = f"{name} {tag}".strip()
+        try:
+            ms = cuda_time_ms(fn, **timing)
+        except Exception as err:  # noqa: BLE001 - one failing kernel must not hide the others
+            rows.append(_record({"group": group, "name": label, "error": f"{type(err).__name__}: {err}"[:500]}))
+            continue
+        rows.append(_row(group, label, ms, **figure(ms, work)))
 
 
 _recorded: List[Dict] = []
@@ -73,9 +100,14 @@ def bench_copy() -> List[Dict]:
     n = 1 << 28  # 1 GiB of fp32: far past L2
     src = torch.empty(n, dtype=torch.float32, device="cuda").uniform_()
     dst = torch.empty_like(src)
-    ms = cuda_time_ms(lambda: dst.copy_(src), iters=10)
+    ms = cuda_time_ms(lambda: dst.copy_(src), iters=5, flush=False)  # 2 GiB moved: past L2 anyway
     gbs = 2 * n * 4 / (ms * 1e-3) / 1e9
     return [_row("copy", "d2d copy 1 GiB", ms, gbs=round(gbs, 1), nominal_gbs=4800)]
+
+
+def _bandwidth(ms: float, moved: float, copy: float) -> Dict:
+    gbs = moved / (ms * 1e-3) / 1e9
+    return {"gbs": round(gbs, 1), "frac_of_copy": round(gbs / copy, 3)}
 
 
 def _copy_gbs(rows_cache: Dict = {}) -> float:  # noqa: B006  (per-process cache)
@@ -109,11 +141,8 @@ def bench_sampler_step() -> List[Dict]:
             }
             if cuda_native.available():
                 impls["cuda-native"] = lambda: cuda_native.sampler_step_cuda(x, out, coefs, 1, 2, 0, True, 0)
-            for name, fn in impls.items():
-                ms = cuda_time_ms(fn)
-                gbs = moved / (ms * 1e-3) / 1e9
-                rows.append(_row("sampler_step", f"{name} {tuple(shape)} {str(dtype)[6:]}", ms, gbs=round(gbs, 1),
-                                 frac_of_copy=round(gbs / copy, 3)))
+            _timed_rows("sampler_step", {name: (fn, moved) for name, fn in impls.items()},
+                        f"{tuple(shape)} {str(dtype)[6:]}", rows, lambda ms, moved: _bandwidth(ms, moved, copy))
     return rows
 
 
@@ -151,11 +180,7 @@ def bench_group_norm_silu() -> List[Dict]:
                                                                                              1e-5, True), moved_fwd)
                     impls["cuda-native bwd"] = (lambda: cuda_native.group_norm_silu_bwd_cuda(
                         gy, x3, weight, bias, *mean_rstd, g, 1e-5, True), moved_bwd)
-                for name, (fn, moved) in impls.items():
-                    ms = cuda_time_ms(fn)
-                    gbs = moved / (ms * 1e-3) / 1e9
-                    rows.append(_row("group_norm_silu", f"{name} {tag}", ms, gbs=round(gbs, 1),
-                                     frac_of_copy=round(gbs / copy, 3)))
+                _timed_rows("group_norm_silu", impls, tag, rows, lambda ms, moved: _bandwidth(ms, moved, copy))
     return rows
 
 
@@ -184,10 +209,8 @@ def bench_attention() -> List[Dict]:
             "triton bwd": (lambda: attention_bwd_triton(go, q, k, v, out, lse, scale), 2.5 * flops),
             "sdpa fwd+bwd": (sdpa_fwd_bwd, 3.5 * flops),
         }
-        for name, (fn, work) in impls.items():
-            ms = cuda_time_ms(fn, iters=10)
-            rows.append(_row("attention", f"{name} B{b} H{h} L{length} D{d} fp16", ms,
-                             tflops=round(work / (ms * 1e-3) / 1e12, 1)))
+        _timed_rows("attention", impls, f"B{b} H{h} L{length} D{d} fp16", rows,
+                    lambda ms, work: {"tflops": round(work / (ms * 1e-3) / 1e12, 1)}, iters=5, flush=False)
     return rows
 
 
@@ -215,19 +238,16 @@ def bench_sampling(batch: int = 64, steps: int = 50) -> List[Dict]:
     model = fastdiff.UNet.preset("ddpm-cifar10").to("cuda", dtype).eval()
     kwargs = dict(n=batch, steps=steps, seed=0, device="cuda", dtype=dtype)
 
-    def timed(fn, label):
+    def timed(fn, label, repeats: int = 3):
         name = f"{label} DDIM-{steps} batch {batch} fp16"
         try:
             fn()  # warm-up: Triton compilation, graph capture, torch.compile
-            torch.cuda.synchronize()
-            start = time.perf_counter()
-            fn()
-            torch.cuda.synchronize()
+            # whole runs between CUDA events (no L2 flush: a run's working set is its own)
+            ms = cuda_time_ms(fn, iters=1, repeats=repeats, warmup=0, flush=False)
         except Exception as err:  # one failing route must not hide the others
             rows.append(_record({"group": "sampling", "name": name, "error": f"{type(err).__name__}: {err}"[:500]}))
             return
-        sec = time.perf_counter() - start
-        rows.append(_row("sampling", name, sec * 1e3, images_per_s=round(batch / sec, 1)))
+        rows.append(_row("sampling", name, ms, images_per_s=round(batch / (ms * 1e-3), 1), repeats=repeats))
 
     timed(lambda: fastdiff.sample(model, **kwargs), "fastdiff plain loop")
     timed(lambda: fastdiff.sample(model, cuda_graph=True, **kwargs), "fastdiff cuda_graph")

@@ -222,14 +222,58 @@ gpu_check = _load_bench_module("gpu_check")
 def test_gpu_check_plan_fits_the_budget(tmp_path):
     steps = gpu_check.plan(tmp_path)
     names = [s.name for s in steps]
-    assert names[:3] == ["env", "build", "tests"]
-    assert names[3:] == [f"bench-{g}" for g in gpu_check.BENCH_GROUPS]
-    assert sum(s.timeout_s for s in steps) <= 8 * 60
-    tests = steps[2]
-    assert tests.env["FASTDIFF_TEST_DEVICE"] == "cuda" and "tests/" in tests.cmd
-    assert all(s.json_out and s.json_out.startswith(str(tmp_path)) for s in steps[3:])
+    assert names[:5] == ["env", "build", "build-triton", "warm", "gpu-tests"]
+    assert names[5:] == [f"bench-{g}" for g in gpu_check.BENCH_GROUPS]
+    # worst case 5 minutes: a second run and the machine's start-up fit in about 12 minutes
+    assert gpu_check.worst_case_seconds(steps) <= gpu_check.WORST_CASE_S <= 300
+    build, fallback = steps[1], steps[2]
+    assert "-Ccmake.define.FASTDIFF_CUDA=ON" in build.cmd and "-Ccmake.define.FASTDIFF_CUDA=OFF" in fallback.cmd
+    assert fallback.only_if_failed == "build"
+    tests = steps[4]
+    assert tests.env["FASTDIFF_TEST_DEVICE"] == "cuda" and "tests/" not in tests.cmd  # not the whole suite
+    assert all(f in tests.cmd for f in gpu_check.GPU_TEST_FILES) and "_gpu_results" in tests.cmd
+    assert tests.json_out.endswith(".jsonl") and tests.env["FASTDIFF_TEST_TIMEOUT"] == str(gpu_check.TEST_TIMEOUT_S)
+    caches = {s.env.get("TRITON_CACHE_DIR") for s in steps[3:]}
+    assert len(caches) == 1 and None not in caches  # one compile cache kept across steps
+    assert all(s.json_out and s.json_out.startswith(str(tmp_path)) for s in steps[5:])
     short = gpu_check.plan(tmp_path, skip_build=True, skip_tests=True, groups=("attention",))
-    assert [s.name for s in short] == ["env", "bench-attention"]
+    assert [s.name for s in short] == ["env", "warm", "bench-attention"]
+
+
+def test_gpu_check_dry_run_prints_the_plan_and_budget(tmp_path, capsys):
+    assert gpu_check.main(["--dry-run", "--out", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert "worst case" in printed and "gpu-tests" in printed and "only if build failed" in printed
+
+
+def test_gpu_check_keeps_rows_of_a_killed_step(tmp_path):
+    rows_file = tmp_path / "rows.jsonl"
+    writer = ("import json, time\n"
+              f"f = open({str(rows_file)!r}, 'a')\n"
+              "for i in range(3):\n    f.write(json.dumps({'test': f't{i}', 'outcome': 'passed'}) + '\\n'); f.flush()\n"
+              "f.write('{\"test\": \"half a li'); f.flush(); time.sleep(60)\n")
+    result = gpu_check.run_step(gpu_check.Step("t", [sys.executable, "-c", writer], 3, json_out=str(rows_file)),
+                                cwd=tmp_path)
+    assert result.status == "timeout"
+    assert [r["test"] for r in result.rows] == ["t0", "t1", "t2"]
+
+
+def test_gpu_results_plugin_limits_each_test(tmp_path):
+    """One hung test costs one row: the others still run and every verdict is on disk."""
+    (tmp_path / "test_sample.py").write_text("import time\n\ndef test_fast():\n    pass\n\n"
+                                              "def test_hangs():\n    time.sleep(30)\n\ndef test_after():\n    pass\n")
+    jsonl = tmp_path / "out.jsonl"
+    env = dict(os.environ, FASTDIFF_RESULTS_JSONL=str(jsonl), FASTDIFF_TEST_TIMEOUT="1",
+               PYTHONPATH=str(ROOT / "bench"))
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "_gpu_results", "-p", "no:cacheprovider",
+                           str(tmp_path / "test_sample.py")], capture_output=True, text=True, timeout=120, env=env,
+                          cwd=tmp_path)
+    import json
+
+    rows = {r["test"].split("::")[-1]: r for r in map(json.loads, jsonl.read_text().splitlines())}
+    assert rows["test_fast"]["outcome"] == "passed" and rows["test_after"]["outcome"] == "passed"
+    assert rows["test_hangs"]["outcome"] == "failed" and "FASTDIFF_TEST_TIMEOUT" in rows["test_hangs"]["message"]
+    assert proc.returncode == 1
 
 
 def test_gpu_check_arguments(monkeypatch):
@@ -247,7 +291,7 @@ def test_gpu_check_dry_run_writes_both_reports(tmp_path):
     import json
 
     payload = json.loads((tmp_path / "gpu_check.json").read_text())
-    assert [s["status"] for s in payload["steps"]] == ["dry-run"] * 8
+    assert [s["status"] for s in payload["steps"]] == ["dry-run"] * 10
     assert payload["meta"]["dry_run"] is True
     md = (tmp_path / "gpu_check.md").read_text()
     assert md.startswith("# fastdiff GPU check") and "| bench-sampling | dry-run |" in md
