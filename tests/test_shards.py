@@ -1,6 +1,7 @@
 """`fastdiff sample` in shards: torchrun ranks (gloo, CPU) give the single process's images bit
 for bit, a killed run resumes without redrawing finished shards, and `eval fid` reads a shard
 folder. The model is the shipped 16x16 class-conditional one (classifier-free guidance on)."""
+import json
 import os
 import subprocess
 import sys
@@ -101,3 +102,23 @@ def test_shards_of_other_settings_are_refused(tmp_path, capsys):
     code = main(["sample", MODEL, "--n", "4", "--steps", "1", "--batch-size", "2", "--shard-size", "3",
                  "--out", str(tmp_path / "x.png")])
     assert code == 2 and "--shard-size must be a multiple of --batch-size 2, got 3" in capsys.readouterr().err
+
+
+def test_eval_fid_reads_a_shard_folder_as_its_images(tmp_path, capsys, reference):
+    torch.set_num_threads(1)  # restored by conftest
+    folder = tmp_path / "shards"
+    assert main(["sample", MODEL, *COMMON, "--shard-size", "2", "--out", f"{folder}/"]) == 0
+    npz = tmp_path / "merged.npz"
+    np.savez(npz, images=reference["images"], labels=reference["labels"])
+    features = tmp_path / "features"
+    assert main(["train-features", "--out", str(features), "--steps", "2", "--dataset-size", "32",
+                 "--image-size", "16", "--no-progress"]) == 0
+    fids = []
+    for source in (folder, npz):
+        out_json = tmp_path / f"{source.name}.json"
+        assert main(["eval", "fid", str(source), "--data", "shapes", "--shapes-features", str(features),
+                     "--n", "6", "--no-progress", "--json", str(out_json)]) == 0
+        result = json.loads(out_json.read_text())
+        assert result["n_generated"] == 6
+        fids.append(result["fid"])
+    assert fids[0] == fids[1]  # the same images, read from the shards or from the single-process .npz

@@ -180,3 +180,12 @@ def sample_shards(draw: Callable[[int, int], Tuple[torch.Tensor, Optional[torch.
         write_shard(out_dir, k, start, images, labels)
         log(f"rank {rank}: shard {k} (samples {start}..{stop - 1}) written")
     return todo
+
+
+def load_shard_folder(out_dir):
+    """A complete shard folder as a uint8 ImageDataset (what `fastdiff eval fid` reads)."""
+    from fastdiff.data import ImageDataset
+
+    images, labels = read_shards(out_dir)
+    return ImageDataset(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(),
+                        None if labels is None else torch.from_numpy(labels), name=str(out_dir))
