@@ -46,7 +46,8 @@ def _add_fid_parser(eval_subparsers) -> None:
         "are all of the set or a seeded random subset (never the first n in file order). FID is biased "
         "upwards at small n: compare numbers only at equal n, with the same features and options; "
         "--protocol cifar10-50k is the setting of published CIFAR-10 FIDs.")
-    e.add_argument("source", help="run folder (holding checkpoint.json) or .npz of samples")
+    e.add_argument("source", help="run folder (holding checkpoint.json), .npz of samples, or shard folder of "
+                   "`fastdiff sample --out DIR/`")
     e.add_argument("--data", required=True, help="reference dataset, as for train")
     e.add_argument("--protocol", choices=sorted(PROTOCOLS), default=None,
                    help="a published evaluation setting; cifar10-50k: " + PROTOCOLS["cifar10-50k"].description +
@@ -139,11 +140,15 @@ def _generated(args, settings, source: Path, device):
     from fastdiff.data import load_npz
     from fastdiff.metrics.pipeline import choose_subset, image_batches, quantize
 
+    from fastdiff.sampling.shards import is_shard_folder, load_shard_folder
+
     n = settings["n"]
-    if source.is_file():
-        if source.suffix != ".npz":
-            raise UserError(f"{source}: expected a run folder or an .npz of samples")
-        ds = load_npz(source, size=None)  # uint8 as `fastdiff sample` writes; floats in [0,1]/[-1,1] also work
+    shards = source.is_dir() and is_shard_folder(source)  # `fastdiff sample --out DIR/` (torchrun)
+    if source.is_file() or shards:
+        if not shards and source.suffix != ".npz":
+            raise UserError(f"{source}: expected a run folder, an .npz of samples or a shard folder")
+        # uint8 as `fastdiff sample` writes; floats in [0,1]/[-1,1] also work
+        ds = load_shard_folder(source) if shards else load_npz(source, size=None)
         if args.protocol and len(ds) < n:
             raise UserError(f"--protocol {args.protocol} needs {n} samples; {source} has {len(ds)}")
         idx, record = choose_subset(len(ds), n, args.subset_seed)
