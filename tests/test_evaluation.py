@@ -656,6 +656,7 @@ def test_quantize_round_and_floor():
 
 
 def test_cli_eval_fid_quantize_float_samples(tmp_path, shapes_features_dir):
+    from fastdiff.errors import UserError
     from fastdiff.metrics.pipeline import quantize
     rng = np.random.default_rng(1)
     floats = rng.uniform(0, 1, (6, 32, 32, 3)).astype(np.float32)
@@ -674,6 +675,14 @@ def test_cli_eval_fid_quantize_float_samples(tmp_path, shapes_features_dir):
         assert result["fid"] == pytest.approx(expected, rel=1e-6)
         fids[mode] = result["fid"]
     assert fids["round"] != fids["floor"]
+    # 8-bit samples were quantised when written: --quantize cannot apply to them (an error, not a no-op)
+    np.savez(npz, images=(floats * 255).astype(np.uint8))
+    with pytest.raises(UserError, match="--quantize floor: .*float.npz holds 8-bit images"):
+        _eval_fid([str(npz), "--data", "shapes", "--n", "6", "--quantize", "floor", "--no-kid",
+                   "--shapes-features", str(shapes_features_dir)], tmp_path)
+    result = _eval_fid([str(npz), "--data", "shapes", "--n", "6", "--no-kid", "--shapes-features",
+                        str(shapes_features_dir)], tmp_path)
+    assert result["quantize"] == "stored"
 
 
 def test_cli_eval_fid_reference_resize(tmp_path, shapes_features_dir):
@@ -753,6 +762,11 @@ def test_cli_eval_fid_protocol(tmp_path, monkeypatch):
     x = ((torch.from_numpy(floats) + 1) * 127.5).clamp(0, 255).to(torch.uint8).float() / 127.5 - 1  # truncated
     expected = fid_from_features(extractor(torch.from_numpy(ref).float() / 127.5 - 1), extractor(x))
     assert result["fid"] == pytest.approx(expected, rel=1e-6)
+    # samples stored as 8-bit (a `fastdiff sample` .npz or shard folder: rounded) cannot be truncated
+    # any more: the protocol runs on them as they are and says so
+    np.savez(npz, images=np.full((3, 32, 32, 3), 7, np.uint8))
+    result = _eval_fid(base + ["--inception-weights", str(weights), "--no-kid"], tmp_path)
+    assert result["quantize"] == "stored" and "quantised when written" in result["warnings"][0]
 
 
 def test_sample_shards_concatenate_to_the_whole(monkeypatch):

@@ -139,7 +139,6 @@ def _generated(args, settings, source: Path, device):
 
     from fastdiff.data import load_npz
     from fastdiff.metrics.pipeline import choose_subset, image_batches, quantize
-
     from fastdiff.sampling.shards import is_shard_folder, load_shard_folder
 
     n = settings["n"]
@@ -152,6 +151,8 @@ def _generated(args, settings, source: Path, device):
         if args.protocol and len(ds) < n:
             raise UserError(f"--protocol {args.protocol} needs {n} samples; {source} has {len(ds)}")
         idx, record = choose_subset(len(ds), n, args.subset_seed)
+        record.update(_stored_quantisation(args, source, stored_uint8=ds.images.dtype == torch.uint8,
+                                           mode=settings["quantize"]))
         batches = (x if x.dtype == torch.uint8 else quantize(x, settings["quantize"])
                    for x in image_batches(ds, idx, args.batch_size))
         return batches, len(idx), ds.shape[-1], f"{source} ({len(ds)} images)", source.parent, record
@@ -166,7 +167,25 @@ def _generated(args, settings, source: Path, device):
     print(f"sampling {n} images from {source} ({origin}, {args.sampler}, {args.steps} steps, eta={args.eta})",
           flush=True)
     batches = sample_shard(model, labels, args, w, 0, n, settings["quantize"])
-    return batches, n, model.sample_shape[-1], f"run {source}", source, {"kind": "drawn", "n": n}
+    record = {"kind": "drawn", "n": n, "quantized": settings["quantize"]}
+    return batches, n, model.sample_shape[-1], f"run {source}", source, record
+
+
+def _stored_quantisation(args, source: Path, stored_uint8: bool, mode: str) -> dict:
+    """8-bit samples were quantised when they were written (`fastdiff sample` rounds): an
+    explicit --quantize cannot apply to them (an error, not a silent no-op), and a protocol that
+    truncates gets a warning in the output."""
+    if not stored_uint8:
+        return {"quantized": mode}
+    if args.quantize is not None:
+        raise UserError(f"--quantize {args.quantize}: {source} holds 8-bit images, quantised when they were "
+                        "written; --quantize applies to samples drawn from a run folder or stored as floats")
+    record = {"quantized": "stored"}
+    if args.protocol and mode != "round":
+        record["warning"] = (f"{source} holds 8-bit images quantised when written (`fastdiff sample` rounds); "
+                             f"--protocol {args.protocol} truncates ({mode}) the samples it draws from a run "
+                             "folder or reads as floats, so this FID can differ slightly from the protocol's")
+    return record
 
 
 def _extractor(args, settings, base: Path, image_size: int):
@@ -260,14 +279,14 @@ def cmd_eval_fid(args: argparse.Namespace) -> int:
     f_ref = _features_of(extractor, image_batches(reference, idx, args.batch_size))
     fid = fid_from_features(f_ref, f_gen)
     n_ref, dim = len(idx), int(f_gen.shape[1])
-    warning = _small_n_warning(n_gen, n_ref, dim)
+    quantized = gen_record.pop("quantized")
+    warnings = [w for w in (gen_record.pop("warning", None), _small_n_warning(n_gen, n_ref, dim)) if w]
     result = {"fid": fid, "features": extractor.name, "feature_dim": dim, "source": str(source),
               "n_generated": n_gen, "data": args.data, "split": settings["split"], "n_reference": n_ref,
               "reference_subset": ref_record, "generated_subset": gen_record, "protocol": args.protocol,
-              "quantize": settings["quantize"], "reference_resize": settings["reference_resize"],
-              "warnings": [warning] if warning else []}
+              "quantize": quantized, "reference_resize": settings["reference_resize"], "warnings": warnings}
     line = (f"FID: {fid:.4f} ({extractor.name}, {n_gen} generated vs {n_ref} {args.data} {settings['split']} "
-            f"images: {describe_subset(ref_record)}; samples quantised by {settings['quantize']}, reference "
+            f"images: {describe_subset(ref_record)}; samples quantised: {quantized}, reference "
             f"resize {settings['reference_resize']}" + (f"; protocol {args.protocol}" if args.protocol else "") + ")")
     if args.kid:
         subset = min(args.kid_subset_size, n_gen, n_ref)
@@ -279,7 +298,7 @@ def cmd_eval_fid(args: argparse.Namespace) -> int:
         result.update(precision=precision, recall=recall)
         line += f"\nprecision: {precision:.4f}, recall: {recall:.4f} (k=3)"
     result["seconds"] = round(time.time() - t0, 2)
-    if warning:
+    for warning in warnings:
         print(f"warning: {warning}", file=sys.stderr, flush=True)
     print(line + f"\n({what}; {result['seconds']:.1f}s)")
     if args.json:
