@@ -485,6 +485,12 @@ def test_cli_eval_fid_errors(tmp_path):
         args.func(args)
     with pytest.raises(SystemExit):
         parser.parse_args(["eval", "fid", str(npz), "--data", "shapes", "--features", "clip"])
+    with pytest.raises(SystemExit):
+        parser.parse_args(["eval", "fid", str(npz), "--data", "shapes", "--protocol", "imagenet-50k"])
+    if not torch.cuda.is_available():  # a device that is not there is an error, never a silent CPU run
+        args = parser.parse_args(["eval", "fid", str(npz), "--data", "shapes", "--device", "cuda"])
+        with pytest.raises(UserError, match="'cuda'"):
+            args.func(args)
 
 
 def _tiny_class_model(w):

@@ -81,7 +81,10 @@ def _add_fid_parser(eval_subparsers) -> None:
                    help="direct (default): reference images go to the feature network at their stored size "
                    "and it resizes them (pytorch-fid's pipeline); to-samples: resized to the samples' size "
                    "first (what eval fid did before --reference-resize existed)")
-    e.add_argument("--device", default="auto", help="auto (default: a CUDA GPU if visible), cpu, cuda, cuda:i")
+    e.add_argument("--device", default="cpu",
+                   help="where samples are drawn and features computed: cpu (default; `fastdiff sample` draws "
+                   "on the CPU too, so the images are the same), cuda, cuda:i or auto (faster; drawn images "
+                   "then differ from the CPU's by float rounding)")
     add_sampler_options(e)
     e.add_argument("--kid", action=argparse.BooleanOptionalAction, default=True,
                    help="report KID (mean ± std over subsets; unbiased at any n) beside FID (default: on)")
