@@ -26,7 +26,8 @@ def _import_pytorch_fid():
         import pytorch_fid.fid_score
         import pytorch_fid.inception
     except ModuleNotFoundError as e:
-        pytest.skip(f"pytorch-fid is not installed ({e}); it is in the 'test' extra")
+        pytest.skip(f"pytorch-fid is not installed ({e}); `pip install '.[fid-peer]'` in an environment "
+                    "without diffusers (.ci/run makes one)")
     except RuntimeError as e:
         if "torchvision::" not in str(e):
             raise
