@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from fastdiff.ops import attention, group_norm_silu
+from fastdiff.ops.attention import MAX_HEAD_DIM
 
 
 def _check_positive_int(name: str, value) -> int:
@@ -62,7 +63,8 @@ class SelfAttention2d(nn.Module):
     (1x1 convolutions written as nn.Linear on the token axis).
     """
 
-    def __init__(self, channels: int, num_heads: int = 1, num_groups: int = 32, head_dim: int = None) -> None:
+    def __init__(self, channels: int, num_heads: int = 1, num_groups: int = 32, head_dim: int = None,
+                 eps: float = 1e-5, norm: bool = True) -> None:
         super().__init__()
         _check_positive_int("channels", channels)
         _check_positive_int("num_heads", num_heads)
@@ -76,7 +78,8 @@ class SelfAttention2d(nn.Module):
         self.channels = channels
         self.num_heads = num_heads
         self.head_dim = channels // num_heads
-        self.norm = GroupNormSiLU(num_groups, channels, act=False)
+        # norm=False: no GroupNorm before the projections (diffusers' scale-shift middle block)
+        self.norm = GroupNormSiLU(num_groups, channels, eps=eps, act=False) if norm else nn.Identity()
         self.qkv = nn.Linear(channels, 3 * channels)
         self.proj_out = nn.Linear(channels, channels)
         nn.init.zeros_(self.proj_out.weight)  # DDPM: the block starts as the identity
@@ -89,7 +92,10 @@ class SelfAttention2d(nn.Module):
         tokens = self.norm(x).flatten(2).transpose(1, 2)  # (B, L, C), a view for channels_last
         qkv = self.qkv(tokens).view(b, h * w, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, heads, L, head_dim), head dim dense
-        out = attention(q, k, v)
+        if self.head_dim <= MAX_HEAD_DIM:
+            out = attention(q, k, v)
+        else:  # wider heads than the fused kernel serves (e.g. one head of 512 channels): torch's SDPA
+            out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
         out = out.transpose(1, 2).reshape(b, h * w, c)
         out = self.proj_out(out)  # (B, L, C)
         return x + out.transpose(1, 2).reshape(b, c, h, w)

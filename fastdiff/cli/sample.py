@@ -15,7 +15,14 @@ def load_for_sampling(source: str, no_ema: bool = False):
     from fastdiff.interop import load_model
     from fastdiff.train import load_checkpoint
 
+    from fastdiff.interop import is_diffusers_folder
+
     path = Path(source)
+    if is_diffusers_folder(path):
+        if no_ema:
+            raise UserError(f"--no-ema needs a run folder; {source} is a diffusers folder")
+        model, info = load_model(path)
+        return model, f"diffusers folder {path.name}"
     if path.is_dir():
         model, record = load_checkpoint(path, ema=not no_ema)
         return model, f"step {record['step']}, {'model' if no_ema else 'EMA'} weights"
@@ -128,6 +135,17 @@ def cmd_sample(a: argparse.Namespace) -> int:
 def cmd_export(a: argparse.Namespace) -> int:
     from fastdiff.interop import export_model
 
+    if a.format == "diffusers":
+        from fastdiff.interop import export_diffusers
+        from fastdiff.interop.native import _EXPORT_DTYPES
+        from fastdiff.train import load_checkpoint
+
+        model, _ = load_checkpoint(a.dir, ema=not a.no_ema)
+        path = export_diffusers(model, a.out, dtype=_EXPORT_DTYPES[a.dtype])
+        size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+        print(f"exported {'model' if a.no_ema else 'EMA'} weights of {a.dir} ({a.dtype}) as a diffusers pipeline "
+              f"folder {path} ({size / 1e6:.1f} MB)")
+        return 0
     path = export_model(a.dir, a.out, ema=not a.no_ema, dtype=a.dtype)
     print(f"exported {'model' if a.no_ema else 'EMA'} weights of {a.dir} ({a.dtype}) to {path} "
           f"({path.stat().st_size / 1e6:.1f} MB)")
@@ -138,7 +156,8 @@ def register(sub) -> None:
     p = sub.add_parser("sample", help="draw samples from a trained run or an exported model",
                        description="Sample a trained run or a `fastdiff export` file; writes a PNG grid and an "
                        ".npz (uint8 NHWC 'images', and 'labels' for class-conditional sampling).")
-    p.add_argument("dir", help="run folder (holding checkpoint.json) or exported model file (.safetensors)")
+    p.add_argument("dir", help="run folder (holding checkpoint.json), exported model file (.safetensors), or a "
+                   "diffusers UNet2DModel or pipeline folder")
     p.add_argument("--n", type=positive_int, default=16, help="number of samples (default: 16)")
     p.add_argument("--out", required=True, help="output .png (an .npz is written next to it), or a folder (ending "
                    "in '/') of shards: .npz files and one PNG per sample (see fastdiff/cli/shards.py)")
@@ -158,9 +177,13 @@ def register(sub) -> None:
     p = sub.add_parser("export", help="write a run's weights as one small self-describing file",
                        description="Write the EMA weights of a training run, with the U-Net and diffusion "
                        "configuration and default guidance scale in the file's metadata, as one .safetensors "
-                       "file (no optimizer state) that `fastdiff sample` and fastdiff.load_model read.")
+                       "file (no optimizer state) that `fastdiff sample` and fastdiff.load_model read; or, with --format diffusers, "
+                       "as a diffusers pipeline folder.")
     p.add_argument("dir", help="run folder (holding checkpoint.json)")
-    p.add_argument("--out", required=True, help="output .safetensors file")
+    p.add_argument("--out", required=True, help="output .safetensors file (a new folder for --format diffusers)")
+    p.add_argument("--format", choices=("fastdiff", "diffusers"), default="fastdiff",
+                   help="fastdiff: one self-describing .safetensors file (default); diffusers: a pipeline folder "
+                   "(model_index.json, unet/, scheduler/) that diffusers' DiffusionPipeline.from_pretrained loads")
     p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32",
                    help="storage precision (loaded back as fp32; default: fp32)")
     p.add_argument("--no-ema", action="store_true", help="export the raw weights, not the EMA")

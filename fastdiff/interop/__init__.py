@@ -1,4 +1,18 @@
-"""Models from files and to files: fastdiff's own exports and run folders."""
-from fastdiff.interop.native import MODEL_FORMAT, export_model, load_model
+"""Models from files and to files: fastdiff's own exports and run folders, and diffusers
+folders (UNet2DModel or pixel-space pipelines) in and out."""
+from pathlib import Path
 
-__all__ = ["MODEL_FORMAT", "export_model", "load_model"]
+from fastdiff.interop.diffusers import export_diffusers, is_diffusers_folder, load_diffusers
+from fastdiff.interop.native import MODEL_FORMAT, export_model
+from fastdiff.interop.native import load_model as _load_native
+
+__all__ = ["MODEL_FORMAT", "export_diffusers", "export_model", "load_diffusers", "load_model"]
+
+
+def load_model(path, device="cpu"):
+    """(model, info) from a fastdiff run folder or `fastdiff export` file, or a diffusers
+    UNet2DModel folder or pipeline folder (model_index.json): see load_diffusers."""
+    import os
+    if is_diffusers_folder(Path(os.path.expanduser(str(path)))):
+        return load_diffusers(path, device=device)
+    return _load_native(path, device=device)

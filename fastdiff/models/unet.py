@@ -19,6 +19,11 @@ from fastdiff.nn import GroupNormSiLU, SelfAttention2d
 from fastdiff.schedule import NoiseSchedule
 
 
+#: The diffusers-family options of UNet and the values that give fastdiff's own network.
+_DEFAULT_OPTIONS: Dict[str, Any] = dict(channels=None, norm_eps=1e-5, flip_sin_to_cos=False, freq_shift=0.0,
+                                        downsample_padding=1, center_input_sample=False, null_label=True,
+                                        mid_attention=True, mid_attention_norm=True)
+
 PRESETS: Dict[str, Dict[str, Any]] = {
     # Ho et al. 2020, CIFAR-10: 35.7M parameters.
     "ddpm-cifar10": dict(image_size=32, in_channels=3, model_channels=128, channel_mult=(1, 2, 2, 2),
@@ -36,14 +41,21 @@ PRESETS: Dict[str, Dict[str, Any]] = {
 }
 
 
-def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
-    """Eq. 99 (Vaswani et al.): sin(t / 10000^(2i/d)) and cos(...) for i < d/2, laid out as
-    [all sines, all cosines] (a fixed permutation of the interleaved layout, which the
-    following Linear absorbs). t: (B,) timesteps -> (B, dim) float32."""
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0, flip_sin_to_cos: bool = False,
+                       freq_shift: float = 0.0) -> torch.Tensor:
+    """Eq. 99 (Vaswani et al.): sin(t / 10000^(i/(d/2 - freq_shift))) and cos(...) for i < d/2, laid
+    out as [all sines, all cosines] ([cosines, sines] when flip_sin_to_cos; a fixed permutation of
+    the interleaved layout, which the following Linear absorbs). freq_shift and flip_sin_to_cos are
+    diffusers' names (Ho et al.'s TensorFlow code is freq_shift=1). t: (B,) -> (B, dim) float32."""
     half = dim // 2
-    freqs = torch.exp(torch.arange(half, dtype=torch.float32, device=t.device) * (-math.log(max_period) / half))
+    if freq_shift == 0:
+        freqs = torch.exp(torch.arange(half, dtype=torch.float32, device=t.device) * (-math.log(max_period) / half))
+    else:
+        exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device)
+        freqs = torch.exp(exponent / (half - freq_shift))
     args = t.float()[:, None] * freqs[None]
-    emb = torch.cat([torch.sin(args), torch.cos(args)], dim=1)
+    emb = torch.cat([torch.cos(args), torch.sin(args)] if flip_sin_to_cos else [torch.sin(args), torch.cos(args)],
+                    dim=1)
     if dim % 2:
         emb = F.pad(emb, (0, 1))
     return emb
@@ -60,13 +72,13 @@ class ResBlock(nn.Module):
     Nichol & Dhariwal: the embedding sets (scale, shift) of the second norm, before SiLU)."""
 
     def __init__(self, in_ch: int, out_ch: int, emb_ch: int, dropout: float, num_groups: int,
-                 use_scale_shift_norm: bool = False):
+                 use_scale_shift_norm: bool = False, eps: float = 1e-5):
         super().__init__()
         self.use_scale_shift_norm = use_scale_shift_norm
-        self.norm1 = GroupNormSiLU(num_groups, in_ch)
+        self.norm1 = GroupNormSiLU(num_groups, in_ch, eps=eps)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
         self.emb_proj = nn.Linear(emb_ch, 2 * out_ch if use_scale_shift_norm else out_ch)
-        self.norm2 = GroupNormSiLU(num_groups, out_ch, act=not use_scale_shift_norm)
+        self.norm2 = GroupNormSiLU(num_groups, out_ch, eps=eps, act=not use_scale_shift_norm)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = _zero_init(nn.Conv2d(out_ch, out_ch, 3, padding=1))
         self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
@@ -84,12 +96,16 @@ class ResBlock(nn.Module):
 
 
 class Downsample(nn.Module):
-    def __init__(self, ch: int):
+    """Stride-2 3x3 convolution. padding=0 pads one row and column at the bottom and right
+    only (Ho et al.'s TensorFlow "SAME" padding for stride 2; diffusers' downsample_padding=0)."""
+
+    def __init__(self, ch: int, padding: int = 1):
         super().__init__()
-        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=1)
+        self.asymmetric = padding == 0
+        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=padding)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(x)
+        return self.conv(F.pad(x, (0, 1, 0, 1)) if self.asymmetric else x)
 
 
 class Upsample(nn.Module):
@@ -132,6 +148,19 @@ class UNet(nn.Module):
 
     default_guidance_scale: the classifier-free guidance w `fastdiff.sample(model, y=...)` uses
     when given none; 0 here, set from the training config when a trained model is loaded.
+
+    Options for diffusers' UNet2DModel family (fastdiff.interop.diffusers); their defaults give
+    fastdiff's own network, parameter for parameter:
+    channels: explicit width per level (diffusers' block_out_channels), instead of
+        model_channels * channel_mult; model_channels is then channels[0].
+    norm_eps: epsilon of every GroupNorm. flip_sin_to_cos, freq_shift: the time embedding's
+        layout and frequencies (see timestep_embedding). downsample_padding: 1, or 0 for
+        bottom/right padding (see Downsample). center_input_sample: the network sees 2 x - 1.
+    null_label: class-conditional models get an extra "no label" embedding row (y=None, for
+        classifier-free guidance); False (diffusers' class embeddings) makes y required.
+    mid_attention: self-attention between the two middle res blocks (diffusers' add_attention);
+        mid_attention_norm: its GroupNorm (diffusers drops it for scale-shift models unless
+        attn_norm_num_groups is set).
     """
 
     default_guidance_scale: float = 0.0
@@ -141,7 +170,10 @@ class UNet(nn.Module):
                  attention_resolutions: Sequence[int] = (16,), dropout: float = 0.1, num_heads: int = 1,
                  num_head_channels: Optional[int] = None, use_scale_shift_norm: bool = False,
                  num_classes: Optional[int] = None, learn_sigma: bool = False, num_groups: int = 32,
-                 out_channels: Optional[int] = None, diffusion=None):
+                 out_channels: Optional[int] = None, diffusion=None, *, channels: Optional[Sequence[int]] = None,
+                 norm_eps: float = 1e-5, flip_sin_to_cos: bool = False, freq_shift: float = 0.0,
+                 downsample_padding: int = 1, center_input_sample: bool = False, null_label: bool = True,
+                 mid_attention: bool = True, mid_attention_norm: bool = True):
         super().__init__()
         if diffusion is None:
             diffusion = GaussianDiffusion(NoiseSchedule.linear(1000),
@@ -153,65 +185,82 @@ class UNet(nn.Module):
             learn_sigma = True
         if out_channels is None:
             out_channels = 2 * in_channels if learn_sigma else in_channels
-        if image_size % (2 ** (len(channel_mult) - 1)):
-            raise ValueError(f"image_size={image_size} must be divisible by 2**(len(channel_mult)-1)="
-                             f"{2 ** (len(channel_mult) - 1)}")
-        for m in channel_mult:
-            if (model_channels * m) % num_groups:
-                raise ValueError(f"num_groups={num_groups} must divide every width model_channels*mult "
-                                 f"(got {model_channels * m})")
+        if channels is not None:
+            channels = tuple(int(c) for c in channels)
+            if not channels or min(channels) < 1:
+                raise ValueError(f"channels must be a non-empty sequence of positive widths, got {channels}")
+            model_channels, channel_mult = channels[0], (1,) * len(channels)
+        widths = channels if channels is not None else tuple(model_channels * m for m in channel_mult)
+        if image_size % (2 ** (len(widths) - 1)):
+            raise ValueError(f"image_size={image_size} must be divisible by 2**(number of levels - 1)="
+                             f"{2 ** (len(widths) - 1)}")
+        for width in widths:
+            if width % num_groups:
+                raise ValueError(f"num_groups={num_groups} must divide every level's width (got {width})")
+        if downsample_padding not in (0, 1):
+            raise ValueError(f"downsample_padding must be 0 or 1, got {downsample_padding!r}")
         self.config = dict(image_size=image_size, in_channels=in_channels, model_channels=model_channels,
                            channel_mult=tuple(channel_mult), num_res_blocks=num_res_blocks,
                            attention_resolutions=tuple(attention_resolutions), dropout=dropout,
                            num_heads=num_heads, num_head_channels=num_head_channels,
                            use_scale_shift_norm=use_scale_shift_norm, num_classes=num_classes,
                            learn_sigma=learn_sigma, num_groups=num_groups, out_channels=out_channels)
+        # the diffusers-family options, recorded only when they differ from fastdiff's network
+        # (configs saved before they existed stay what they were)
+        extra = dict(channels=channels, norm_eps=float(norm_eps), flip_sin_to_cos=bool(flip_sin_to_cos),
+                     freq_shift=float(freq_shift), downsample_padding=downsample_padding,
+                     center_input_sample=bool(center_input_sample), null_label=bool(null_label),
+                     mid_attention=bool(mid_attention), mid_attention_norm=bool(mid_attention_norm))
+        self.config.update({k: v for k, v in extra.items() if v != _DEFAULT_OPTIONS[k]})
         self.sample_shape: Tuple[int, int, int] = (in_channels, image_size, image_size)
         self.diffusion = diffusion
         self.num_classes = num_classes
+        self.null_label = bool(null_label)
         self.out_channels = out_channels
         self.model_channels = model_channels
+        self.flip_sin_to_cos, self.freq_shift = bool(flip_sin_to_cos), float(freq_shift)
+        self.center_input_sample = bool(center_input_sample)
         emb_ch = 4 * model_channels
 
-        def attention(ch: int) -> nn.Module:
-            attn = SelfAttention2d(ch, num_heads=num_heads, num_groups=num_groups, head_dim=num_head_channels)
+        def attention(ch: int, norm: bool = True) -> nn.Module:
+            attn = SelfAttention2d(ch, num_heads=num_heads, num_groups=num_groups, head_dim=num_head_channels,
+                                   eps=norm_eps, norm=norm)
             _zero_init(attn.proj_out)  # Ho et al.: the block starts as the identity
             return attn
 
         def res(i: int, o: int) -> ResBlock:
-            return ResBlock(i, o, emb_ch, dropout, num_groups, use_scale_shift_norm)
+            return ResBlock(i, o, emb_ch, dropout, num_groups, use_scale_shift_norm, eps=norm_eps)
 
         self.time_embed = nn.Sequential(nn.Linear(model_channels, emb_ch), nn.SiLU(), nn.Linear(emb_ch, emb_ch))
-        self.label_embed = nn.Embedding(num_classes + 1, emb_ch) if num_classes is not None else None
+        self.label_embed = (nn.Embedding(num_classes + int(self.null_label), emb_ch)
+                            if num_classes is not None else None)
         self.conv_in = nn.Conv2d(in_channels, model_channels, 3, padding=1)
 
         # Encoder: remember the width of every output that the decoder will concatenate.
         self.down = nn.ModuleList()
         skip_chs = [model_channels]
         ch, size = model_channels, image_size
-        for level, mult in enumerate(channel_mult):
+        for level, out in enumerate(widths):
             for _ in range(num_res_blocks):
-                out = model_channels * mult
                 self.down.append(_Level(res(ch, out), attention(out) if size in attention_resolutions else None))
                 ch = out
                 skip_chs.append(ch)
-            if level != len(channel_mult) - 1:
-                self.down.append(Downsample(ch))
+            if level != len(widths) - 1:
+                self.down.append(Downsample(ch, downsample_padding))
                 skip_chs.append(ch)
                 size //= 2
-        self.mid = _Level(res(ch, ch), attention(ch))
+        self.mid = _Level(res(ch, ch), attention(ch, mid_attention_norm) if mid_attention else None)
         self.mid2 = res(ch, ch)
         self.up = nn.ModuleList()
-        for level, mult in reversed(list(enumerate(channel_mult))):
+        for level, out in reversed(list(enumerate(widths))):
             for i in range(num_res_blocks + 1):
-                out = model_channels * mult
                 self.up.append(_Level(res(ch + skip_chs.pop(), out),
                                       attention(out) if size in attention_resolutions else None))
                 ch = out
             if level != 0:
                 self.up.append(Upsample(ch))
                 size *= 2
-        self.norm_out = GroupNormSiLU(num_groups, ch)
+        self.norm_out = GroupNormSiLU(num_groups, ch, eps=norm_eps)
         self.conv_out = _zero_init(nn.Conv2d(ch, out_channels, 3, padding=1))
 
     @classmethod
@@ -222,13 +271,20 @@ class UNet(nn.Module):
         return cls(**{**PRESETS[name], **overrides})
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
-        emb = self.time_embed(timestep_embedding(t, self.model_channels).to(self.conv_in.weight.dtype))
+        t_emb = timestep_embedding(t, self.model_channels, flip_sin_to_cos=self.flip_sin_to_cos,
+                                   freq_shift=self.freq_shift)
+        emb = self.time_embed(t_emb.to(self.conv_in.weight.dtype))
         if self.label_embed is not None:
             if y is None:
+                if not self.null_label:
+                    raise ValueError("y is required: this class-conditional UNet has no 'no label' row "
+                                     "(null_label=False)")
                 y = torch.full((x.shape[0],), self.num_classes, dtype=torch.long, device=x.device)
             emb = emb + self.label_embed(y)
         elif y is not None:
             raise ValueError("y given to a UNet built without num_classes")
+        if self.center_input_sample:
+            x = 2 * x - 1.0
         h = self.conv_in(x)
         skips = [h]
         for block in self.down:
