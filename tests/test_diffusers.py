@@ -10,6 +10,7 @@ import fastdiff
 from fastdiff import GaussianDiffusion, NoiseSchedule
 from fastdiff.errors import InputError
 from fastdiff.interop import export_diffusers
+from fastdiff.nn import GroupNormSiLU
 
 
 # --------------------------------------------------------------------------- final abar
@@ -122,6 +123,9 @@ def test_imported_unet_computes_what_diffusers_computes(name, tmp_path):
     assert got.shape == expected.shape
     assert (got - expected).abs().max().item() <= 1e-4, (got - expected).abs().max().item()
     assert expected.abs().max().item() > 0.1  # a real signal, not two zero outputs
+    # eps moves the outputs less than the tolerance on random weights: check it where it is used
+    norms = [m for m in ours.modules() if isinstance(m, GroupNormSiLU)]
+    assert norms and all(m.eps == config.get("norm_eps", 1e-5) for m in norms)
 
 
 # --------------------------------------------------------------------------- bad input
