@@ -110,7 +110,8 @@ def _default_device(model):
 
 @torch.no_grad()
 def sample(model: Callable, shape: Optional[Sequence[int]] = None, steps: int = 50, eta: float = 0.0,
-           diffusion: Optional[GaussianDiffusion] = None, seed: int = 0, spacing: str = "uniform",
+           diffusion: Optional[GaussianDiffusion] = None, seed: int = 0,
+           spacing: Optional[Union[str, Callable[[int], Sequence[int]]]] = None,
            clip_denoised: Optional[bool] = None, sampler: str = "ddim", x_T: Optional[torch.Tensor] = None,
            n: int = 16, model_kwargs: Optional[dict] = None, progress: bool = False,
            device=None, dtype: torch.dtype = torch.float32, sample_offset: int = 0,
@@ -124,6 +125,8 @@ def sample(model: Callable, shape: Optional[Sequence[int]] = None, steps: int = 
     shape: full shape (B, ...) of the batch; omitted for models with `sample_shape`, then
         `n` samples are drawn.
     eta: DDIM stochasticity (0 = deterministic); ignored by sampler="ddpm".
+    spacing: a spacing name (space_timesteps) or a callable steps -> original timesteps; None: the
+        model's `default_spacing` attribute if it has one, else "uniform".
     clip_denoised: clamp the predicted x_0 to [-1, 1]; None: the model's `default_clip_denoised`
         attribute if it has one (an imported diffusers scheduler's clip_sample), else True.
     seed, sample_offset: the noise of sample i is a function of (seed, sample_offset + i,
@@ -150,7 +153,9 @@ def sample(model: Callable, shape: Optional[Sequence[int]] = None, steps: int = 
         raise TypeError(f"diffusion must be a fastdiff.GaussianDiffusion, got {type(diffusion).__name__}")
     if clip_denoised is None:
         clip_denoised = bool(getattr(model, "default_clip_denoised", True))
-    timesteps = space_timesteps(diffusion.T, steps, spacing)
+    if spacing is None:  # the model's (an imported diffusers scheduler's), else uniform
+        spacing = getattr(model, "default_spacing", None) or "uniform"
+    timesteps = list(spacing(steps)) if callable(spacing) else space_timesteps(diffusion.T, steps, spacing)
     d = diffusion.respace(timesteps)
     if x_T is not None:
         if not isinstance(x_T, torch.Tensor) or not x_T.is_floating_point():
@@ -214,7 +219,10 @@ def sample(model: Callable, shape: Optional[Sequence[int]] = None, steps: int = 
         indices = tqdm(indices, desc=f"{sampler} sampling", total=d.T)
     for i in indices:
         t = torch.full((batch,), int(d.timestep_map[i]), dtype=torch.long, device=x.device)
-        out = model_fn(x, t, **(model_kwargs or {})).to(x.dtype)
+        out = model_fn(x, t, **(model_kwargs or {}))
+        if not isinstance(out, torch.Tensor) and isinstance(getattr(out, "sample", None), torch.Tensor):
+            out = out.sample  # diffusers' UNet2DOutput
+        out = out.to(x.dtype)
         mean_part, var_part = d.split_output(out, x)  # shape check with a clear message
         grad = None
         if classifier is not None:
