@@ -54,7 +54,6 @@ def test_default_clip_denoised_attribute_is_used_when_clip_is_not_given():
 # --------------------------------------------------------------------------- U-Net import
 
 
-
 def _diffusers():
     return pytest.importorskip("diffusers")
 
@@ -237,13 +236,12 @@ def test_latent_pipeline_is_refused(small_pipeline, tmp_path):
         fastdiff.load_model(folder)
 
 
-# --------------------------------------------------------------------------- same samples
+# --------------------------------------------------------------------------- export
 def _as_images(x: torch.Tensor):
     """fastdiff's samples as diffusers pipelines return them with output_type='np'."""
     return (x / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
 
 
-# --------------------------------------------------------------------------- export
 def _random_fastdiff(seed=0, **kwargs):
     """A small fastdiff UNet with every parameter random (conv_out and the attention outputs
     start at zero otherwise)."""
@@ -392,3 +390,65 @@ def test_cli_export_diffusers_and_sample_the_folder(tmp_path):
     assert main(["sample", str(tmp_path / "pipe"), "--n", "2", "--steps", "2", "--no-progress",
                  "--out", str(tmp_path / "s.png")]) == 0
     assert (tmp_path / "s.npz").is_file()
+# --------------------------------------------------------------------------- same samples
+@pytest.mark.parametrize("scheduler, call", [
+    # diffusers' defaults except clip_sample=False (see the module note on clipping), leading spacing
+    # with steps_offset=1 and set_alpha_to_one=False: DDIMPipeline as users call it
+    (dict(clip_sample=False, timestep_spacing="leading", steps_offset=1, set_alpha_to_one=False), {}),
+    # trailing spacing, cosine schedule, v prediction, clipping (eps recomputed from the clipped x0)
+    (dict(timestep_spacing="trailing", beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction"),
+     dict(use_clipped_model_output=True)),
+])
+def test_ddim_50_equals_ddim_pipeline(tmp_path, scheduler, call):
+    d = _diffusers()
+    pipe = d.DDIMPipeline(unet=_random_unet(SMALL, seed=2), scheduler=d.DDIMScheduler(**scheduler))
+    pipe.save_pretrained(tmp_path)
+    pipe.set_progress_bar_config(disable=True)
+    expected = pipe(batch_size=2, generator=torch.Generator().manual_seed(0), eta=0.0, num_inference_steps=50,
+                    output_type="np", **call).images
+    x_T = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))  # the pipeline's first draw
+    model, _ = fastdiff.load_model(tmp_path)
+    got = _as_images(fastdiff.sample(model, x_T=x_T, steps=50))
+    assert abs(got - expected).max() <= 1e-3, abs(got - expected).max()
+    assert expected.std() > 0.05
+
+
+def test_ancestral_ddpm_equals_ddpm_pipeline_given_the_same_noise(tmp_path, monkeypatch):
+    """DDPMPipeline (fixed_small, clipping, 20 leading steps) with its per-step noise replaced by
+    fastdiff's stream for the same step: the images must agree."""
+    d = _diffusers()
+    import diffusers.schedulers.scheduling_ddpm as ddpm_module
+
+    steps, seed = 20, 3
+    pipe = d.DDPMPipeline(unet=_random_unet(SMALL, seed=4), scheduler=d.DDPMScheduler(variance_type="fixed_small"))
+    pipe.save_pretrained(tmp_path)
+    pipe.set_progress_bar_config(disable=True)
+    calls = []
+
+    def fastdiff_noise(shape, generator=None, device=None, dtype=None, **kwargs):
+        # the k-th noise draw belongs to fastdiff's respaced index steps - 1 - k
+        calls.append(shape)
+        return fastdiff.ops.randn(tuple(shape), seed=seed, step=steps - len(calls), dtype=dtype or torch.float32)
+
+    monkeypatch.setattr(ddpm_module, "randn_tensor", fastdiff_noise)
+    expected = pipe(batch_size=2, generator=torch.Generator().manual_seed(0), num_inference_steps=steps,
+                    output_type="np").images
+    assert len(calls) == steps - 1  # no noise leaving t = 0
+    x_T = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    model, _ = fastdiff.load_model(tmp_path)
+    got = _as_images(fastdiff.sample(model, x_T=x_T, steps=steps, sampler="ddpm", seed=seed))
+    assert abs(got - expected).max() <= 1e-3, abs(got - expected).max()
+
+
+def test_a_diffusers_unet_object_samples_directly(tmp_path):
+    """fastdiff.sample on diffusers' own UNet2DModel (its UNet2DOutput unwrapped) equals fastdiff
+    on the imported copy."""
+    theirs = _random_unet(SMALL, seed=5)
+    theirs.save_pretrained(tmp_path)
+    ours, _ = fastdiff.load_model(tmp_path)
+    x_T = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    a = fastdiff.sample(theirs, x_T=x_T, steps=5, diffusion=ours.diffusion, spacing="trailing")
+    b = fastdiff.sample(ours, x_T=x_T, steps=5, spacing="trailing")
+    assert (a - b).abs().max().item() <= 1e-4
+
+
