@@ -309,3 +309,49 @@ int main() {
 def test_kernels_stay_in_bounds_under_asan(tmp_path):
     """The C++ kernels on exact-size buffers, built with AddressSanitizer + UBSan."""
     asan_build_and_run(tmp_path, _BOUNDS_HARNESS, ["csrc/cpu/attention.cpp", "csrc/cpu/group_norm_silu.cpp"])
+
+
+# --------------------------------------------------------------------------- issue #12, item 8
+@native
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_native_keeps_nan_and_inf_keys(bad):
+    """Compiled with finite-math-only, the kernel used to drop a NaN/inf key (finite output where
+    the exact softmax and SDPA are NaN)."""
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 70, 16, generator=gen) for _ in range(3))
+    k[0, 1, 67, 3] = bad
+    with use_backend("native"):
+        out = attention(q, k, v)
+    want = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double())
+    assert torch.equal(torch.isnan(out), torch.isnan(want))
+    assert torch.isnan(out[0, 1]).any() and torch.isfinite(out[0, 0]).all()
+    torch.testing.assert_close(out[0, 0].double(), want[0, 0], rtol=1e-4, atol=1e-5)
+
+
+@native
+def test_native_exact_when_every_score_is_below_the_old_placeholder():
+    """Scores around -2.8e32 (all below the kernel's old -1e30 running-max start): the exact
+    answer is the mean of v (equal scores); the kernel returned NaN."""
+    q = torch.full((1, 1, 5, 8), 1e16)
+    k = torch.full((1, 1, 9, 8), -1e16)
+    v = torch.randn(1, 1, 9, 8, generator=torch.Generator().manual_seed(1))
+    with use_backend("native"):
+        out = attention(q, k, v)
+    torch.testing.assert_close(out, v.mean(dim=2, keepdim=True).expand(1, 1, 5, 8), rtol=1e-5, atol=1e-6)
+
+
+def test_reference_is_accurate_at_large_logits():
+    """The reference (fallback path and ground truth) computed exp(scores - lse) in the input dtype:
+    fp32 all-equal scores of ~2.8e8 gave an error of 2.79, bf16 at |score| ~ 1000 an error of 2.51."""
+    v = torch.randn(1, 1, 16, 8, generator=torch.Generator().manual_seed(2))
+    a = (2.8e8 * math.sqrt(8) / 8) ** 0.5
+    q = torch.full((1, 1, 3, 8), a)
+    out, _ = attention_reference(q, q[:, :, :1].expand(1, 1, 16, 8), v)
+    torch.testing.assert_close(out, v.mean(dim=2, keepdim=True).expand(1, 1, 3, 8), rtol=1e-5, atol=1e-5)
+    gen = torch.Generator().manual_seed(3)
+    qb = (torch.randn(1, 2, 8, 16, generator=gen) * 12).bfloat16()
+    kb = (torch.randn(1, 2, 32, 16, generator=gen) * 12).bfloat16()
+    vb = torch.randn(1, 2, 32, 16, generator=gen).bfloat16()
+    got, _ = attention_reference(qb, kb, vb)
+    exact, _ = attention_reference(qb.double(), kb.double(), vb.double())
+    assert (got.double() - exact).abs().max() <= 2 * 2 ** -8 * exact.abs().max()  # bf16 rounding of the output

@@ -243,3 +243,29 @@ def test_opcheck_out_variant():
     x, out = _inputs((2, 3, 4, 4))
     from fastdiff.ops.sampler_step import _sampler_step_out_op
     torch.library.opcheck(_sampler_step_out_op, (x, out, COEFS.as_list(), 1, 2, 0, True, 0, torch.empty_like(x)))
+
+
+# --------------------------------------------------------------------------- issue #12, item 7
+@pytest.mark.parametrize("backend", ["reference", pytest.param("native", marks=needs_native)])
+def test_out_partially_overlapping_an_input_is_refused(backend):
+    """The native kernel returned wrong values (errors 1-16) for an `out` shifted by one element
+    against x_t; torch's ops refuse such overlap, and so does sampler_step (exact aliases stay)."""
+    buf = torch.randn(2, 3, 65, generator=torch.Generator().manual_seed(0))
+    x, shifted = buf[:, :, :64], buf[:, :, 1:]
+    eps = torch.randn(2, 3, 64)
+    coefs = ops.StepCoefficients(1.1, -0.2, 0.5, 0.4, 0.3)
+    with ops.use_backend(backend):
+        with pytest.raises(ValueError, match="out partially overlaps x_t"):
+            ops.sampler_step(x, eps, coefs, seed=1, step=2, out=shifted)
+        out_buf = torch.randn(2, 3, 65)
+        with pytest.raises(ValueError, match="out partially overlaps model_output"):
+            ops.sampler_step(x.clone(), out_buf[:, :, 1:], coefs, seed=1, step=2, out=out_buf[:, :, :64])
+        with pytest.raises(ValueError, match="overlap itself"):
+            ops.sampler_step(x.clone(), eps, coefs, seed=1, step=2, out=torch.zeros(1, 3, 64).expand(2, 3, 64))
+        want = ops.sampler_step(x, eps, coefs, seed=1, step=2)
+        in_place = x.clone()
+        ops.sampler_step(in_place, eps, coefs, seed=1, step=2, out=in_place)  # an exact alias is fine
+        into_eps = eps.clone()
+        ops.sampler_step(x, into_eps, coefs, seed=1, step=2, out=into_eps)
+    torch.testing.assert_close(in_place, want, rtol=0, atol=0)
+    torch.testing.assert_close(into_eps, want, rtol=0, atol=0)

@@ -456,3 +456,19 @@ def test_table_step_with_zero_sigma_is_the_mean_and_index_is_clamped():
     torch.testing.assert_close(high, last, rtol=0, atol=0)
     low = tk_step.sampler_step_table_triton(x, out, table, torch.tensor(-3, device=DEVICE), 1, 0, False, 0)
     torch.testing.assert_close(low, got, rtol=0, atol=0)
+
+
+@pytest.mark.skipif(DEVICE.type != "cuda" or torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_kernels_run_on_the_tensors_device_not_the_current_one():
+    x = _randn(2, 4, 6, seed=30).float().to("cuda:1")
+    out = _randn(2, 4, 6, seed=31).float().to("cuda:1")
+    coefs = [1.0, -0.1, 0.5, 0.5, 0.2, 0.0, 0.0]
+    with torch.cuda.device(0):
+        got = tk_step.sampler_step_triton(x, out, coefs, 3, 1, 0, False, 0)
+        y, _, _ = tk_gn.group_norm_silu_fwd_triton(x, None, None, 2, 1e-5, True)
+    assert got.device == x.device
+    torch.testing.assert_close(got.cpu().double(), sampler_step_reference(x.cpu().double(), out.cpu().double(),
+                                                                          coefs, 3, 1, 0, False, 0),
+                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(y.cpu().double(), group_norm_silu_reference(x.cpu().double(), 2)[0],
+                               rtol=1e-5, atol=1e-5)

@@ -19,8 +19,11 @@
 #include "cpu/attention.h"
 
 // Finite math for this file only (as in group_norm_silu.cpp): the exp clamps of the
-// softmax become vmaxps/vminps. Nothing here is infinite: the running max starts at
-// kNoScore and padding rows use -kNoScore, finite sentinels whose exp underflows to 0.
+// softmax become vmaxps/vminps. The kernels' own values are finite: the running max starts at
+// kLowest (the lowest finite float, below every real score) and padding rows use -kNoScore,
+// finite sentinels whose exp underflows to 0. Inputs may not be: a NaN or +inf score is found
+// by a bit test (integer arithmetic, which finite-math-only cannot assume away) and makes its
+// row NaN, as in the exact softmax; a -inf score has probability 0, as there.
 #pragma GCC optimize("finite-math-only", "no-signed-zeros")
 
 #include <algorithm>
@@ -36,7 +39,14 @@ namespace {
 
 constexpr int kBlockQ = 64;  // query rows per tile
 constexpr int kBlockK = 64;  // keys per tile
-constexpr float kNoScore = -1e30f;  // below any real score; exp(kNoScore - s) = 0
+constexpr float kNoScore = -1e30f;  // backward padding rows: lse = -kNoScore, so exp(s - lse) = 0
+constexpr float kLowest = -3.40282347e38f;  // forward running max start: the lowest finite float
+
+// 1 if x is NaN or +inf (either makes the exact softmax of its row NaN), else 0; bits only.
+inline int nan_or_pos_inf(float x) {
+  const uint32_t u = float_to_bits(x);
+  return static_cast<int>(((u & 0x7FFFFFFFu) > 0x7F800000u) | (u == 0x7F800000u));
+}
 
 // Per-thread scratch, grown on demand and reused across tasks and calls.
 float* scratch(std::size_t floats) {
@@ -137,8 +147,9 @@ void forward(const AttentionArgs& a) {
     load_rows_transposed<T, kD, kBlockQ>(q + b * a.q_stride[0] + h * a.q_stride[1] + q0 * a.q_stride[2],
                                          a.q_stride[2], nq, D, qt, a.scale);
     std::fill(o, o + kBlockQ * kD, 0.0f);
-    std::fill(m, m + kBlockQ, kNoScore);
+    std::fill(m, m + kBlockQ, kLowest);
     std::fill(l, l + kBlockQ, 0.0f);
+    int poisoned[kBlockQ] = {0};  // rows with a NaN or +inf score
     const T* kb = k + b * a.k_stride[0] + h * a.k_stride[1];
     const T* vb = v + b * a.v_stride[0] + h * a.v_stride[1];
     for (int64_t k0 = 0; k0 < Lk; k0 += kBlockK) {
@@ -155,11 +166,14 @@ void forward(const AttentionArgs& a) {
       for (int64_t j = 0; j < nk; ++j) {
         const float* sj = st + j * kBlockQ;
 #pragma omp simd
-        for (int i = 0; i < kBlockQ; ++i) new_max[i] = std::max(new_max[i], sj[i]);
+        for (int i = 0; i < kBlockQ; ++i) {
+          new_max[i] = std::max(new_max[i], sj[i]);
+          poisoned[i] |= nan_or_pos_inf(sj[i]);
+        }
       }
 #pragma omp simd
       for (int i = 0; i < kBlockQ; ++i) {
-        alpha[i] = exp_approx(m[i] - new_max[i]);  // 0 on the first block (m = kNoScore)
+        alpha[i] = exp_approx(m[i] - new_max[i]);  // 0 on the first block (m = kLowest)
         m[i] = new_max[i];
       }
       for (int64_t j = 0; j < nk; ++j) {
@@ -185,10 +199,11 @@ void forward(const AttentionArgs& a) {
     }
     T* ob = out + ((b * H + h) * Lq + q0) * D;
     float* lse = a.lse + (b * H + h) * Lq + q0;
+    const float nan = bits_to_float(0x7FC00000u);
     for (int64_t i = 0; i < nq; ++i) {
       const float inv = 1.0f / l[i];
-      for (int64_t d = 0; d < D; ++d) store_value(ob, i * D + d, o[i * kD + d] * inv);
-      lse[i] = m[i] + std::log(l[i]);
+      for (int64_t d = 0; d < D; ++d) store_value(ob, i * D + d, poisoned[i] ? nan : o[i * kD + d] * inv);
+      lse[i] = poisoned[i] ? nan : m[i] + std::log(l[i]);
     }
   });
 }

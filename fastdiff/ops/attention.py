@@ -50,13 +50,22 @@ def _check_attention_inputs(q, k, v, scale) -> None:
 # --------------------------------------------------------------------------- reference
 def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                         scale: Optional[float] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Pure-torch ground truth (forms the full score matrix); returns (out, lse) in q's dtype."""
-    if scale is None:
-        scale = 1.0 / math.sqrt(q.shape[-1])
-    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
-    lse = torch.logsumexp(scores, dim=-1)
-    probs = torch.exp(scores - lse.unsqueeze(-1))
-    return torch.matmul(probs, v), lse
+    """Pure-torch ground truth (forms the full score matrix); returns (out, lse) in q's dtype.
+
+    Computed in fp32 (fp64 for fp64 inputs) with a normalised softmax: probabilities from
+    softmax(scores) rather than exp(scores - lse), so that huge logits (all-equal scores of
+    2.8e8, where lse = max + log L rounds back to max) and bf16 inputs stay accurate."""
+    out, lse = _reference_compute(q, k, v, 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale)
+    return out, lse.to(q.dtype)
+
+
+def _reference_compute(q, k, v, scale: float):
+    """(out in q's dtype, lse in the compute dtype: fp32, fp64 for fp64 inputs)."""
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    qc, kc, vc = (t.to(compute) for t in (q, k, v))
+    scores = torch.matmul(qc, kc.transpose(-1, -2)) * scale
+    probs = torch.softmax(scores, dim=-1)
+    return torch.matmul(probs, vc).to(q.dtype), torch.logsumexp(scores, dim=-1)
 
 
 def attention_backward_reference(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -80,7 +89,7 @@ def attention_backward_reference(grad_out: torch.Tensor, q: torch.Tensor, k: tor
 
 # --------------------------------------------------------------------------- kernels
 def _reference_fwd(q, k, v, scale):
-    out, lse = attention_reference(q, k, v, scale)
+    out, lse = _reference_compute(q, k, v, scale)
     return out.contiguous(), lse.to(stats_dtype(q.dtype)).contiguous()
 
 

@@ -256,9 +256,37 @@ def sampler_step(x_t: torch.Tensor, model_output: torch.Tensor, coefs: StepCoeff
             or out.device != x_t.device:
         raise ValueError(f"out must be a tensor like x_t ({tuple(x_t.shape)}, {x_t.dtype}, {x_t.device}), got "
                          f"{tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__}")
+    _check_no_partial_overlap(out, x_t=x_t, model_output=model_output)
     _sampler_step_out_op(x_t, model_output, coefs.as_list(), seed, step, sample_offset, bool(clip_denoised),
                          mode, out)
     return out
+
+
+def _byte_span(t: torch.Tensor) -> Tuple[int, int]:
+    """[first, last + 1) byte addresses a tensor with non-negative strides can touch."""
+    extent = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
+    return t.data_ptr(), t.data_ptr() + (extent + 1) * t.element_size()
+
+
+def _check_no_partial_overlap(out: torch.Tensor, **inputs: torch.Tensor) -> None:
+    """`out` may be an input itself (in place: each element is read before it is written) but
+    must not overlap one partly: the kernels read and write blocks in parallel, and a shifted
+    view would read elements already overwritten (torch's own ops refuse this too)."""
+    if torch.compiler.is_compiling() or isinstance(out, torch._subclasses.FakeTensor) or out.numel() == 0:
+        return  # under tracing there is no memory to compare
+    if any(stride == 0 and size > 1 for size, stride in zip(out.shape, out.stride())) or \
+            any(stride < 0 for stride in out.stride()):
+        raise ValueError(f"out must not overlap itself (strides {out.stride()} for shape {tuple(out.shape)})")
+    out_start, out_end = _byte_span(out)
+    for name, t in inputs.items():
+        if t.numel() == 0 or t.untyped_storage().data_ptr() != out.untyped_storage().data_ptr():
+            continue
+        exact = t.data_ptr() == out.data_ptr() and t.shape == out.shape and t.stride() == out.stride() \
+            and t.dtype == out.dtype
+        start, end = _byte_span(t)
+        if not exact and start < out_end and out_start < end:
+            raise ValueError(f"out partially overlaps {name} (same memory, different view); pass out={name} "
+                             "itself for an in-place step, or a separate tensor")
 
 
 # --------------------------------------------------------------------------- table-driven step
