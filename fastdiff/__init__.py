@@ -12,13 +12,14 @@ import torch  # noqa: F401  (before the extension: one OpenMP runtime, torch's)
 from fastdiff import ops  # noqa: E402
 from fastdiff.diffusion import GaussianDiffusion  # noqa: E402
 from fastdiff.models import UNet, compile  # noqa: E402,A004  (fastdiff.compile; not in __all__)
+from fastdiff.optimization import optimize  # noqa: E402  (the module is not named optimize: the function is)
 from fastdiff.sampling import sample, space_timesteps  # noqa: E402
 from fastdiff.schedule import NoiseSchedule  # noqa: E402
 
 __version__ = "0.1.0"
 # `compile` stays out of __all__: `from fastdiff import *` must not shadow the builtin.
-__all__ = ["GaussianDiffusion", "NoiseSchedule", "UNet", "load_model", "ops", "sample", "space_timesteps",
-           "__version__"]
+__all__ = ["GaussianDiffusion", "NoiseSchedule", "UNet", "load_model", "ops", "optimize", "sample",
+           "space_timesteps", "__version__"]
 
 
 def __getattr__(name):
