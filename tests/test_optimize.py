@@ -91,3 +91,23 @@ def test_bf16_sampling_stays_as_close_to_fp32_as_torchs_own_bf16():
     # bf16 keeps 8 bits: one rounding is 2^-9 relative; the images move by ~1e-2 over 8 steps
     assert 0 < err <= 2 * yardstick, f"bf16 fast path mean |error| {err:.4g}, torch's bf16 {yardstick:.4g}"
     assert yardstick < 0.05  # bf16 itself is fine for this model (in [-1, 1] pixel units)
+
+
+def test_cli_sample_fast_runs_the_optimized_model_and_says_which_path(tmp_path, monkeypatch, capsys):
+    import numpy as np
+
+    from fastdiff import optimization
+    from fastdiff.cli import main
+
+    torch.set_num_threads(1)
+    real = optimization.optimize
+    monkeypatch.setattr(optimization, "optimize", lambda m, **kw: real(m, backend="eager", **kw))
+    torch._dynamo.reset()
+    common = ["sample", str(MODEL), "--n", "2", "--steps", "2", "--no-progress"]
+    assert main([*common, "--out", str(tmp_path / "plain.png")]) == 0
+    assert main([*common, "--fast", "fp32", "--out", str(tmp_path / "fast.png")]) == 0
+    printed = capsys.readouterr().out
+    assert "--fast: inference on cpu: torch.compile(eager, fullgraph) + channels_last" in printed
+    assert "the first forward (compilation included) took" in printed
+    plain, fast = (np.load(tmp_path / f"{k}.npz")["images"].astype(int) for k in ("plain", "fast"))
+    assert np.abs(plain - fast).max() <= 1  # fp32 rounding may move a pixel by one level

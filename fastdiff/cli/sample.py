@@ -106,9 +106,12 @@ def cmd_sample(a: argparse.Namespace) -> int:
     from fastdiff.cli.shards import cmd_sample_shards, wants_shards
     from fastdiff.image_utils import save_image_grid
 
+    from fastdiff.cli.fast import optimize_for, report_compile
+
     if wants_shards(a):  # a folder --out, --shard-size, or torchrun
         return cmd_sample_shards(a)
     model, origin = load_for_sampling(a.dir, a.no_ema)
+    model = optimize_for(model, a)  # --fast
     classifier = None
     if a.classifier is not None:
         from fastdiff.train.classifier import load_classifier
@@ -117,6 +120,7 @@ def cmd_sample(a: argparse.Namespace) -> int:
     t0 = time.time()
     x, w = draw(model, n, labels, a, classifier)
     seconds = time.time() - t0
+    report_compile(model)
     out = Path(a.out)
     png, npz = (out, out.with_suffix(".npz")) if out.suffix.lower() != ".npz" else (out.with_suffix(".png"), out)
     if png.suffix.lower() != ".png":
@@ -164,6 +168,8 @@ def register(sub) -> None:
     p.add_argument("--shard-size", type=positive_int, default=None, metavar="K",
                    help="samples per shard, a multiple of --batch-size (default: 16 batches); finished "
                    "shards are skipped when the command is rerun; torchrun ranks split the shards")
+    from fastdiff.cli.fast import add_fast_option
+    add_fast_option(p)
     add_sampler_options(p)
     p.add_argument("--class", "--label", dest="label", type=int, default=None,
                    help="class of every sample (default: cycle through the classes)")

@@ -72,6 +72,7 @@ def _prepare_on_rank0(folder: Path, manifest: dict, rank: int, world: int) -> No
 
 
 def cmd_sample_shards(a: argparse.Namespace) -> int:
+    from fastdiff.cli.fast import optimize_for
     from fastdiff.cli.sample import class_labels, draw, load_for_sampling
     from fastdiff.sampling.shards import ShardPlan, sample_shards
     from fastdiff.train import distributed
@@ -79,6 +80,7 @@ def cmd_sample_shards(a: argparse.Namespace) -> int:
     rank, world, _ = distributed.setup("cpu")  # gloo: the ranks only meet at barriers
     try:
         model, origin = load_for_sampling(a.dir, a.no_ema)
+        model = optimize_for(model, a, log=print if rank == 0 else (lambda m: None))  # --fast
         classifier = None
         if a.classifier is not None:
             from fastdiff.train.classifier import load_classifier
