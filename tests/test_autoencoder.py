@@ -111,3 +111,79 @@ def test_bad_config_errors():
         AutoencoderKL(block_out_channels=(32, 32), down_block_types=("DownEncoderBlock2D",))
     with pytest.raises(ValueError, match="latent_channels must be a positive int, got 0"):
         AutoencoderKL(block_out_channels=(32,), latent_channels=0)
+
+
+def _same_state(a: dict, b: dict):
+    assert sorted(a) == sorted(b)
+    for k in a:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+
+
+def test_diffusers_folder_round_trip(tmp_path):
+    """diffusers folder -> fastdiff.load_model -> export -> diffusers -> fastdiff: bitwise weights,
+    config kept (scaling_factor included), and the loaded model computes what diffusers does."""
+    import fastdiff
+    from fastdiff.interop import export_autoencoder
+
+    peer, _ = _pair(CONFIGS[1])
+    peer.save_pretrained(tmp_path / "peer")
+    loaded, info = fastdiff.load_model(tmp_path / "peer")
+    assert isinstance(loaded, AutoencoderKL) and info["format"] == "diffusers"
+    _same_state(loaded.state_dict(), peer.state_dict())
+    x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        _close(loaded(x), peer(x).sample)
+    loaded.scaling_factor = 0.7  # e.g. set from data after training
+    export_autoencoder(loaded, tmp_path / "ours")
+    back = diffusers.AutoencoderKL.from_pretrained(tmp_path / "ours")
+    _same_state(back.state_dict(), peer.state_dict())
+    assert back.config.scaling_factor == 0.7
+    assert tuple(back.config.block_out_channels) == (32, 64, 64) and back.config.latent_channels == 3
+    back.save_pretrained(tmp_path / "again")
+    again, _ = fastdiff.load_model(tmp_path / "again")
+    _same_state(again.state_dict(), loaded.state_dict())
+    assert again.scaling_factor == 0.7 and again.downsampling_factor == 4
+    z = torch.randn(1, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(again.decode(z), loaded.decode(z))
+
+
+def test_old_attention_names_load(tmp_path):
+    """Folders saved before diffusers 0.14 name the attention query/key/value/proj_attn."""
+    import fastdiff
+    from safetensors.torch import save_file
+
+    peer, ours = _pair(CONFIGS[0])
+    peer.save_pretrained(tmp_path)
+    old = {k.replace("to_q", "query").replace("to_k", "key").replace("to_v", "value").replace("to_out.0", "proj_attn"): v
+           for k, v in ours.state_dict().items()}
+    assert any(".query." in k for k in old)
+    save_file({k: v.contiguous() for k, v in old.items()}, str(tmp_path / "diffusion_pytorch_model.safetensors"))
+    loaded, _ = fastdiff.load_model(tmp_path)
+    _same_state(loaded.state_dict(), ours.state_dict())
+
+
+def test_bad_folder_errors(tmp_path):
+    import json
+
+    import fastdiff
+    from fastdiff.errors import InputError
+    from fastdiff.interop import export_autoencoder
+
+    peer, ours = _pair(CONFIGS[0])
+    peer.save_pretrained(tmp_path / "a")
+    config = json.loads((tmp_path / "a" / "config.json").read_text())
+    (tmp_path / "a" / "config.json").write_text(json.dumps(dict(config, latent_channels=2)))
+    with pytest.raises(InputError, match="the weights do not fit the config"):
+        fastdiff.load_model(tmp_path / "a")
+    (tmp_path / "a" / "config.json").write_text(json.dumps(dict(config, frobnicate=1)))
+    with pytest.raises(InputError, match=r"config.json: unknown AutoencoderKL config field\(s\) \['frobnicate'\]"):
+        fastdiff.load_model(tmp_path / "a")
+    (tmp_path / "a" / "config.json").write_text(json.dumps(config))
+    (tmp_path / "a" / "diffusion_pytorch_model.safetensors").unlink()
+    with pytest.raises(InputError, match="no weights"):
+        fastdiff.load_model(tmp_path / "a")
+    with pytest.raises(Exception, match="exists and is not an empty folder"):
+        export_autoencoder(ours, tmp_path / "a")
+    with pytest.raises(TypeError, match="must be a fastdiff.models.AutoencoderKL"):
+        export_autoencoder(torch.nn.Linear(1, 1), tmp_path / "b")
