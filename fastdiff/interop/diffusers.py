@@ -8,6 +8,26 @@ field (a field or value fastdiff cannot compute is an error naming it, never a m
 computes something else), the weights by a table of renames plus one explicit reshape (the
 attention's q, k, v projections are one fused `qkv` here), checked by load_state_dict(strict=True).
 
+Supported UNet2DModel fields: sample_size (an int or a square pair), in_channels, out_channels (=
+in_channels, or twice for a learned variance), center_input_sample, time_embedding_type "positional",
+time_embedding_dim (None or 4 x block_out_channels[0]), flip_sin_to_cos, freq_shift, down_block_types
+(DownBlock2D / AttnDownBlock2D) and up_block_types (their mirror), mid_block_type "UNetMidBlock2D",
+block_out_channels, layers_per_block, mid_block_scale_factor 1, downsample_padding 0 or 1,
+downsample_type / upsample_type "conv", dropout, act_fn "silu", attention_head_dim (None or a divisor of
+every attention width), norm_num_groups, attn_norm_num_groups (None or norm_num_groups), norm_eps,
+resnet_time_scale_shift "default" or "scale_shift", add_attention, num_class_embeds (class_embed_type
+None). Anything else (another model class, an unknown field, fourier or learned time embeddings, skip or
+resnet up/down blocks, asymmetric attention, "timestep"/"identity" class embeddings, "ada_group"/"spatial"
+norms) is refused by name.
+Scheduler fields (DDPMScheduler, DDIMScheduler; other classes give their common fields and list the rest
+in info["scheduler_fields_not_used"]): num_train_timesteps, beta_schedule linear (as written, no 1000/T
+rescaling) / scaled_linear / squaredcos_cap_v2, beta_start, beta_end, trained_betas, prediction_type
+epsilon / v_prediction / sample, variance_type fixed_small(_log) / fixed_large / learned_range, clip_sample
+(clip_sample_range 1), timestep_spacing leading / trailing / linspace, steps_offset, set_alpha_to_one.
+Refused: thresholding=True (dynamic thresholding is not implemented), variance_type learned and
+fixed_large_log (diffusers reads those channels as a variance / takes the root of a log), another
+clip_sample_range with clipping, rescale_betas_zero_snr, other beta schedules and spacings.
+
 Known difference: diffusers' DDIMScheduler with clip_sample=True moves x_t with the model's
 *unclipped* eps unless DDIMPipeline(use_clipped_model_output=True) is asked for; fastdiff (like the
 DDIM paper and improved-diffusion) recomputes eps from the clipped x_0. The two agree whenever
