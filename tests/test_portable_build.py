@@ -73,5 +73,5 @@ def test_portable_build_matches_the_references(tmp_path):
     assert module.exists(), sorted(p.name for p in build.iterdir())
     env = dict(os.environ, OMP_NUM_THREADS="2")
     run = subprocess.run([sys.executable, "-c", CHECK, str(module)], capture_output=True, text=True, timeout=600,
-                         env=env, cwd=str(ROOT))
+                         env=env, cwd=str(tmp_path))  # the installed package, not the source tree
     assert run.returncode == 0 and "portable ok" in run.stdout, run.stdout[-2000:] + run.stderr[-4000:]
