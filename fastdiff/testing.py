@@ -20,6 +20,7 @@ import torch
 
 from fastdiff.diffusion import PREDICTIONS, _check_choice
 from fastdiff.schedule import NoiseSchedule
+from fastdiff.sde import SDE
 
 
 def prediction_from_x0(x_t: torch.Tensor, x0: torch.Tensor, alpha_cumprod: torch.Tensor, prediction: str):
@@ -34,12 +35,16 @@ def prediction_from_x0(x_t: torch.Tensor, x0: torch.Tensor, alpha_cumprod: torch
 
 
 class OracleModel(torch.nn.Module):
-    """model(x_t, t) -> the exact eps / x0 / v prediction of an oracle's data law."""
+    """model(x_t, t) -> the exact eps / x0 / v prediction of an oracle's data law.
+
+    `schedule` is a NoiseSchedule (t: LongTensor of timesteps) or a continuous-time
+    `fastdiff.sde.SDE` (t: float tensor of times, x_t = alpha(t) x_0 + sigma(t) eps)."""
 
     def __init__(self, oracle, schedule: NoiseSchedule, prediction: str = "eps"):
         super().__init__()
-        if not isinstance(schedule, NoiseSchedule):
-            raise TypeError(f"schedule must be a fastdiff.NoiseSchedule, got {type(schedule).__name__}")
+        if not isinstance(schedule, (NoiseSchedule, SDE)):
+            raise TypeError(f"schedule must be a fastdiff.NoiseSchedule or a fastdiff.sde.SDE, "
+                            f"got {type(schedule).__name__}")
         self.oracle = oracle
         self.schedule = schedule
         self.prediction = _check_choice("prediction", prediction, PREDICTIONS)
@@ -52,9 +57,27 @@ class OracleModel(torch.nn.Module):
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
         x = x_t.to(torch.float64)
+        if isinstance(self.schedule, SDE):
+            return self._continuous(x, t, y).to(x_t.dtype)
         ac = self.schedule.alphas_cumprod.to(x.device)[t.long()].reshape(-1, *([1] * (x.dim() - 1)))
         x0 = self.oracle.posterior_mean(x, ac) if y is None else self.oracle.posterior_mean(x, ac, y=y)
         return prediction_from_x0(x, x0, ac, self.prediction).to(x_t.dtype)
+
+
+    def _continuous(self, x: torch.Tensor, t: torch.Tensor, y: Optional[torch.Tensor]) -> torch.Tensor:
+        shape = (-1, *([1] * (x.dim() - 1)))
+        t = t.to(torch.float64).cpu()
+        alpha = self.schedule.alpha(t).reshape(shape).to(x.device)
+        sigma = self.schedule.sigma(t).reshape(shape).to(x.device)
+        # x / sqrt(alpha^2 + sigma^2) is a VP x_t with abar = alpha^2 / (alpha^2 + sigma^2)
+        scale = torch.sqrt(alpha ** 2 + sigma ** 2)
+        ac = (alpha / scale) ** 2
+        x_vp = x / scale
+        x0 = self.oracle.posterior_mean(x_vp, ac) if y is None else self.oracle.posterior_mean(x_vp, ac, y=y)
+        if self.prediction == "x0":
+            return x0
+        eps = (x - alpha * x0) / sigma
+        return eps if self.prediction == "eps" else alpha * eps - sigma * x0
 
 
 class OracleClassifier(torch.nn.Module):

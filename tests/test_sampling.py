@@ -224,7 +224,7 @@ def test_bad_arguments(linear):
         (dict(eta=-0.1), ValueError, "eta must be a finite number >= 0"),
         (dict(eta=float("nan")), ValueError, "eta must be"),
         (dict(spacing="linear"), ValueError, "spacing must be one of"),
-        (dict(sampler="euler"), ValueError, "sampler must be one of"),
+        (dict(sampler="euler_a"), ValueError, "sampler must be one of"),
         (dict(x_T=torch.zeros(2, 1, 3, 3), shape=(2, 1, 2, 2)), ValueError, "x_T shape"),
         (dict(diffusion="linear"), TypeError, "diffusion must be"),
         (dict(shape=(0, 1, 2, 2)), ValueError, "positive sizes"),

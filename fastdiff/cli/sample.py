@@ -58,12 +58,26 @@ def class_labels(model, n: int, label=None, per_class=None, classifier=None):
     return None, n, nrow
 
 
+# fastdiff.sampling.SAMPLERS / SPACINGS (fixed names; tests/test_solvers.py checks they agree),
+# spelled out so that building the parser does not import torch
+SAMPLER_NAMES = ("ddim", "ddpm", "euler", "heun", "dpmpp_2m", "dpmpp_3m", "dpm_solver_2", "dpm_solver_3", "sde", "pc",
+                 "ode")
+SPACING_NAMES = ("uniform", "leading", "trailing", "quadratic", "logsnr", "karras")
+
+
 def add_sampler_options(p: argparse.ArgumentParser, steps_default: int = 50) -> None:
     """The options that choose how samples are drawn (shared by `sample` and `eval fid`)."""
     p.add_argument("--steps", type=positive_int, default=steps_default,
                    help=f"sampler steps (default: {steps_default})")
     p.add_argument("--eta", type=nonneg_float, default=0.0, help="DDIM eta (default: 0)")
-    p.add_argument("--sampler", choices=("ddim", "ddpm"), default="ddim")
+    p.add_argument("--sampler", choices=SAMPLER_NAMES, default="ddim",
+                   help="ddim, ddpm (ancestral) or a continuous-time solver (docs/score-based.md); default: ddim")
+    p.add_argument("--spacing", choices=SPACING_NAMES, default=None,
+                   help="which timesteps are visited (default: the sampler's own: ddim/ddpm uniform, "
+                   "DPM-Solver family logsnr, euler/heun karras)")
+    p.add_argument("--s-churn", type=nonneg_float, default=None, help="euler/heun: Karras et al.'s S_churn")
+    p.add_argument("--rtol", type=float, default=None, help="ode: relative tolerance (default: 1e-5)")
+    p.add_argument("--atol", type=float, default=None, help="ode: absolute tolerance (default: 1e-5)")
     p.add_argument("--seed", type=int, default=0, help="noise seed: sample i's noise depends on (seed, i) only")
     p.add_argument("--batch-size", type=positive_int, default=64,
                    help="images per forward pass (default: 64; the images do not depend on it)")
@@ -90,13 +104,19 @@ def draw(model, n: int, labels, a: argparse.Namespace, classifier=None, sample_o
     if a.steps > model.diffusion.T:
         raise UserError(f"--steps {a.steps} exceeds the model's T={model.diffusion.T}")
     w = guidance_scale_of(model, a.guidance_scale)
-    extra = {}
+    extra = {k: getattr(a, k, None) for k in ("s_churn", "rtol", "atol")}
+    extra = {k: v for k, v in extra.items() if v is not None}
+    if getattr(a, "spacing", None) is not None:
+        extra["spacing"] = a.spacing
     if classifier is not None:
-        extra = dict(classifier=classifier, classifier_scale=a.classifier_scale)
-    chunks = sample_in_batches(model, n, a.batch_size, y=labels, steps=a.steps, eta=a.eta, seed=a.seed,
-                               sampler=a.sampler, progress=not a.no_progress, guidance_scale=w,
-                               sample_offset=sample_offset, **extra)
-    return torch.cat(list(chunks)), w
+        extra.update(classifier=classifier, classifier_scale=a.classifier_scale)
+    try:
+        chunks = sample_in_batches(model, n, a.batch_size, y=labels, steps=a.steps, eta=a.eta, seed=a.seed,
+                                   sampler=a.sampler, progress=not a.no_progress, guidance_scale=w,
+                                   sample_offset=sample_offset, **extra)
+        return torch.cat(list(chunks)), w
+    except ValueError as e:  # a sampler option that does not fit the sampler: the user's to fix
+        raise UserError(str(e)) from None
 
 
 def cmd_sample(a: argparse.Namespace) -> int:

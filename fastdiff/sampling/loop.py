@@ -1,9 +1,13 @@
-"""Samplers: respacing, DDIM (Song et al.) and ancestral DDPM (Ho et al.), one fused
-`fastdiff.ops.sampler_step` per step.
+"""`fastdiff.sample`: checks its arguments, picks the timesteps (`spacing`), wraps the model
+with its labels and guidance, then runs one sampler:
 
-Both samplers run on a respaced subsequence of `steps` timesteps whose betas are
-recomputed from abar (GaussianDiffusion.respace), so a learned variance stays right with
-few steps; the model always sees the original timesteps.
+- DDIM (Song et al.) and ancestral DDPM (Ho et al.), one fused `fastdiff.ops.sampler_step`
+  per step, on a respaced subsequence of timesteps whose betas are recomputed from abar
+  (GaussianDiffusion.respace), so a learned variance stays right with few steps;
+- the continuous-time solvers of `fastdiff.sampling.solvers` (Euler, Heun, DPM-Solver,
+  DPM-Solver++, reverse SDE, predictor-corrector, adaptive PF-ODE).
+
+The model always sees original timesteps.
 """
 from __future__ import annotations
 
@@ -19,37 +23,14 @@ from fastdiff.diffusion import GaussianDiffusion, _check_choice
 from fastdiff.ops.philox import INITIAL_NOISE_STEP
 from fastdiff.ops.sampler_step import StepCoefficients
 from fastdiff.sampling import guidance
+from fastdiff.sampling.solvers import NOISE_STRIDE, SOLVERS, Denoiser, SamplerOptions, make_grid, unwrap_output
+from fastdiff.sampling.spacing import SPACINGS, log_snr_targets, space_timesteps, table_indices
 from fastdiff.schedule import NoiseSchedule
+from fastdiff.sde import SDE, sde_of
 
-SPACINGS = ("uniform", "leading", "trailing", "quadratic")
-SAMPLERS = ("ddim", "ddpm")
-
-
-def space_timesteps(T: int, steps: int, spacing: str = "uniform") -> List[int]:
-    """`steps` distinct timesteps in [0, T-1], ascending.
-
-    uniform:   round(linspace(0, T-1, steps)), holding both 0 and T-1 (T-1 alone for steps=1)
-    leading:   0, r, 2r, ... with r = T // steps (diffusers' "leading")
-    trailing:  round(T - k T / steps) - 1 for k < steps, ending at T-1 (diffusers' "trailing")
-    quadratic: int(linspace(0, sqrt(0.8 T), steps)^2) (Song et al.'s DDIM code)
-    """
-    _check_choice("spacing", spacing, SPACINGS)
-    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)):
-        raise TypeError(f"steps must be an int, got {type(steps).__name__} ({steps!r})")
-    if not 1 <= steps <= T:
-        raise ValueError(f"steps must be in [1, T={T}], got {steps}")
-    if spacing == "uniform":
-        ts = [T - 1] if steps == 1 else np.round(np.linspace(0, T - 1, steps)).astype(np.int64).tolist()
-    elif spacing == "leading":
-        ts = (np.arange(steps) * (T // steps)).tolist()
-    elif spacing == "trailing":
-        ts = (np.round(np.arange(T, 0, -T / steps)).astype(np.int64) - 1)[:steps].tolist()
-    else:
-        ts = (np.linspace(0, np.sqrt(T * 0.8), steps) ** 2).astype(np.int64).tolist()
-        if len(set(ts)) != steps:
-            raise ValueError(f"spacing='quadratic' gives repeated timesteps for steps={steps} with T={T}; "
-                             f"use at most about {int(np.sqrt(0.8 * T))} steps or another spacing")
-    return sorted(set(int(t) for t in ts))
+SAMPLERS = ("ddim", "ddpm") + tuple(SOLVERS)
+#: spacing=None: the sampler's own default (DPM-Solver family: uniform log-SNR; Euler/Heun: Karras)
+DEFAULT_SPACING = {"ddim": "uniform", "ddpm": "uniform", **{k: v.default_spacing for k, v in SOLVERS.items()}}
 
 
 def ddim_sigma(alpha_cumprod: float, alpha_cumprod_prev: float, eta: float) -> float:
@@ -108,81 +89,138 @@ def _default_device(model):
     return torch.device("cpu")
 
 
-@torch.no_grad()
-def sample(model: Callable, shape: Optional[Sequence[int]] = None, steps: int = 50, eta: float = 0.0,
-           diffusion: Optional[GaussianDiffusion] = None, seed: int = 0,
-           spacing: Optional[Union[str, Callable[[int], Sequence[int]]]] = None,
-           clip_denoised: Optional[bool] = None, sampler: str = "ddim", x_T: Optional[torch.Tensor] = None,
-           n: int = 16, model_kwargs: Optional[dict] = None, progress: bool = False,
-           device=None, dtype: torch.dtype = torch.float32, sample_offset: int = 0,
-           cuda_graph: bool = False, compile: Optional[str] = None,
-           y: Optional[Union[int, torch.Tensor]] = None, guidance_scale: Optional[float] = None,
-           classifier: Optional[Callable] = None, classifier_scale: float = 1.0,
-           null_label: Optional[int] = None) -> torch.Tensor:
-    """Draw samples by DDIM (Eq. 114, sigma from Eq. 119) or ancestral DDPM.
+def _model_dtype(model) -> Optional[torch.dtype]:
+    if isinstance(model, torch.nn.Module):
+        for p in model.parameters():
+            if p.is_floating_point():
+                return p.dtype
+    return None
 
-    model: any callable model(x_t, t, **model_kwargs), t a LongTensor (B,) of original timesteps.
-    shape: full shape (B, ...) of the batch; omitted for models with `sample_shape`, then
-        `n` samples are drawn.
-    eta: DDIM stochasticity (0 = deterministic); ignored by sampler="ddpm".
-    spacing: a spacing name (space_timesteps) or a callable steps -> original timesteps; None: the
-        model's `default_spacing` attribute if it has one, else "uniform".
-    clip_denoised: clamp the predicted x_0 to [-1, 1]; None: the model's `default_clip_denoised`
-        attribute if it has one (an imported diffusers scheduler's clip_sample), else True.
-    seed, sample_offset: the noise of sample i is a function of (seed, sample_offset + i,
-        step, element) only, so the first image of a batch equals the image drawn alone.
-    cuda_graph: capture model call + step once as a CUDA graph and replay it for every step
-        (CUDA tensors only; ValueError on CPU). compile: a torch.compile mode for the model,
-        e.g. "reduce-overhead". Same samples as the plain loop; see fastdiff/sampling/cuda_graphs.py.
-    y: class labels (int or (B,)): passed to the model as `y=` when it is class-conditional
-        (has a `num_classes` attribute that is not None), and the classifier's target.
-    guidance_scale: classifier-free guidance w (Ho & Salimans): eps~ = (1 + w) eps(x, y) -
-        w eps(x, none); 0 samples p(x | y). None: the model's `default_guidance_scale` when y
-        is given (a trained class-conditional model's, see TrainConfig.guidance_scale), else 0.
-        The "no label" index is `null_label`, by default model.num_classes.
-    classifier, classifier_scale: classifier guidance (Dhariwal & Nichol) toward y with a
-        time-conditioned classifier(x_t, t) -> logits: DDIM uses eps - s sqrt(1 - abar)
-        grad log p(y | x_t); ancestral sampling shifts the mean by s Sigma grad log p(y | x_t).
-    """
-    _check_choice("sampler", sampler, SAMPLERS)
+
+def _positive_finite(name: str, value) -> float:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        v = math.nan
+    if isinstance(value, bool) or not math.isfinite(v) or v <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    return v
+
+
+def _solver_options(sampler: str, eta, s_churn, rtol, atol, snr, corrector_steps, seed: int,
+                    sample_offset: int) -> SamplerOptions:
+    """Check the sampler-specific options: each is an error for a sampler that would ignore it."""
     if not isinstance(eta, (int, float)) or isinstance(eta, bool) or not np.isfinite(eta) or eta < 0:
         raise ValueError(f"eta must be a finite number >= 0, got {eta!r}")
+    owners = {"eta": ("ddim", "ddpm"), "s_churn": ("euler", "heun"), "rtol": ("ode",), "atol": ("ode",),
+              "snr": ("pc",), "corrector_steps": ("pc",)}
+    given = {"eta": eta if eta != 0 else None, "s_churn": s_churn, "rtol": rtol, "atol": atol, "snr": snr,
+             "corrector_steps": corrector_steps}
+    for name, value in given.items():
+        if value is not None and sampler not in owners[name]:
+            raise ValueError(f"{name}={value!r} is used only by sampler={' / '.join(map(repr, owners[name]))}, "
+                             f"not by sampler={sampler!r}")
+    opts = SamplerOptions(seed=seed, sample_offset=sample_offset, eta=float(eta))
+    if s_churn is not None:
+        if isinstance(s_churn, bool) or not isinstance(s_churn, (int, float)) or not math.isfinite(s_churn) \
+                or s_churn < 0:
+            raise ValueError(f"s_churn must be a finite number >= 0, got {s_churn!r}")
+        opts.s_churn = float(s_churn)
+    if rtol is not None:
+        opts.rtol = _positive_finite("rtol", rtol)
+    if atol is not None:
+        opts.atol = _positive_finite("atol", atol)
+    if snr is not None:
+        opts.snr = _positive_finite("snr", snr)
+    if corrector_steps is not None:
+        if isinstance(corrector_steps, bool) or not isinstance(corrector_steps, int) or \
+                not 0 <= corrector_steps < NOISE_STRIDE:
+            raise ValueError(f"corrector_steps must be an int in [0, {NOISE_STRIDE - 1}], got {corrector_steps!r}")
+        opts.corrector_steps = corrector_steps
+    return opts
+
+
+def _resolve_process(model, diffusion):
+    """(GaussianDiffusion or None, SDE): the model's diffusion unless one is given."""
     if diffusion is None:
         diffusion = getattr(model, "diffusion", None) or GaussianDiffusion(NoiseSchedule.linear(1000))
+    if isinstance(diffusion, SDE):
+        return None, diffusion
     if not isinstance(diffusion, GaussianDiffusion):
-        raise TypeError(f"diffusion must be a fastdiff.GaussianDiffusion, got {type(diffusion).__name__}")
-    if clip_denoised is None:
-        clip_denoised = bool(getattr(model, "default_clip_denoised", True))
-    if spacing is None:  # the model's (an imported diffusers scheduler's), else uniform
-        spacing = getattr(model, "default_spacing", None) or "uniform"
-    timesteps = list(spacing(steps)) if callable(spacing) else space_timesteps(diffusion.T, steps, spacing)
-    d = diffusion.respace(timesteps)
+        raise TypeError(f"diffusion must be a fastdiff.GaussianDiffusion or a fastdiff.sde.SDE, "
+                        f"got {type(diffusion).__name__}")
+    return diffusion, sde_of(diffusion)
+
+
+def _table_timesteps(model, d: GaussianDiffusion, sampler: str, steps, spacing, timesteps) -> List[int]:
+    """The original timesteps a discrete-time model is sampled at, ascending (see `sample`)."""
+    originals = d.timestep_map.tolist()
+    if timesteps is not None:
+        if spacing is not None:
+            raise ValueError("give either spacing= or timesteps=, not both")
+        try:
+            ts = [int(t) for t in timesteps]
+        except (TypeError, ValueError):
+            raise TypeError(f"timesteps must be a sequence of ints, got {timesteps!r:.80}") from None
+        if not ts or len(set(ts)) != len(ts) or any(t not in originals for t in ts):
+            raise ValueError(f"timesteps must be distinct original timesteps of the model's diffusion "
+                             f"(in [{min(originals)}, {max(originals)}]), got {list(timesteps)[:8]}")
+        return sorted(ts)
+    if spacing is None:
+        spacing = getattr(model, "default_spacing", None) or DEFAULT_SPACING.get(sampler, "uniform")
+    if callable(spacing):
+        return _table_timesteps(model, d, sampler, steps, None, spacing(steps))
+    return [originals[i] for i in table_indices(d.alphas_cumprod, steps, spacing)]
+
+
+def _sde_times(sde: SDE, sampler: str, steps, spacing, timesteps) -> List[float]:
+    """Descending times of a continuous-time process."""
+    if timesteps is not None:
+        ts = sorted((float(t) for t in timesteps), reverse=True)
+        if not ts or any(not sde.t_min <= t <= sde.t_max for t in ts) or len(set(ts)) != len(ts):
+            raise ValueError(f"timesteps must be distinct times in [{sde.t_min}, {sde.t_max}] for {sde!r}, "
+                             f"got {list(timesteps)[:8]}")
+        return ts
+    spacing = spacing or DEFAULT_SPACING.get(sampler, "uniform")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a positive int, got {steps!r}")
+    if spacing == "uniform":
+        return np.linspace(sde.t_max, sde.t_min, steps).tolist()
+    if spacing not in ("logsnr", "karras"):
+        raise ValueError(f"spacing must be 'uniform', 'logsnr' or 'karras' for a continuous-time {sde!r}, "
+                         f"got {spacing!r}")
+    lam = log_snr_targets(float(sde.log_snr(sde.t_min)), float(sde.log_snr(sde.t_max)), steps, spacing)
+    return sde.t_of_log_snr(lam).tolist()
+
+
+def _initial_x(model, shape, x_T, n, seed, sample_offset, dtype, device) -> torch.Tensor:
     if x_T is not None:
         if not isinstance(x_T, torch.Tensor) or not x_T.is_floating_point():
             raise TypeError(f"x_T must be a floating-point tensor, got {type(x_T).__name__}")
         if shape is not None and tuple(x_T.shape) != tuple(shape):
             raise ValueError(f"x_T shape {tuple(x_T.shape)} does not match shape {tuple(shape)}")
-        x = x_T.clone()
-    else:
-        if shape is None:
-            sample_shape = getattr(model, "sample_shape", None)
-            if sample_shape is None:
-                raise ValueError("shape is required for a model without a `sample_shape` attribute")
-            shape = (n, *sample_shape)
-        shape = tuple(int(s) for s in shape)
-        if len(shape) < 1 or any(s < 1 for s in shape):
-            raise ValueError(f"shape must be (batch, ...) with positive sizes, got {shape}")
-        device = torch.device(device) if device is not None else _default_device(model)
-        x = ops.randn(shape, seed=seed, step=INITIAL_NOISE_STEP, sample_offset=sample_offset,
-                      dtype=dtype, device=device)
-    # Every step's scalars up front: nothing is recomputed inside the loop.
-    coefs = [step_coefficients(d, i, sampler, eta) for i in range(d.T)]
-    # The kernel reads the model's variance channels only for an ancestral step with a
-    # learned variance; DDIM's sigma comes from eta, so it is handed the mean channels.
-    variance = d.variance if (sampler == "ddpm" and d.learned_variance) else "fixed"
-    mean_only = sampler == "ddim" and d.learned_variance
-    batch = x.shape[0]
-    model_fn = model
+        expected = _model_dtype(model)
+        if expected is not None and x_T.dtype != expected:
+            raise TypeError(f"x_T has dtype {x_T.dtype} but the model's parameters are {expected}: pass x_T.to("
+                            f"{expected}) (or convert the model)")
+        return x_T.clone()
+    if shape is None:
+        sample_shape = getattr(model, "sample_shape", None)
+        if sample_shape is None:
+            raise ValueError("shape is required for a model without a `sample_shape` attribute")
+        shape = (n, *sample_shape)
+    if isinstance(shape, (str, bytes)) or not isinstance(shape, (Sequence, np.ndarray)):
+        raise TypeError(f"shape must be a sequence (batch, ...) of ints, got {type(shape).__name__} ({shape!r})")
+    shape = tuple(int(s) for s in shape)
+    if len(shape) < 1 or any(s < 1 for s in shape):
+        raise ValueError(f"shape must be (batch, ...) with positive sizes, got {shape}")
+    device = torch.device(device) if device is not None else _default_device(model)
+    return ops.randn(shape, seed=seed, step=INITIAL_NOISE_STEP, sample_offset=sample_offset, dtype=dtype,
+                     device=device)
+
+
+def _guided_model(model, x, y, guidance_scale, classifier, classifier_scale, null_label, mean_channels):
+    """(model_fn, labels, guidance_scale): the model with its labels and classifier-free guidance."""
     if guidance_scale is None:
         guidance_scale = float(getattr(model, "default_guidance_scale", 0.0)) if y is not None else 0.0
     try:
@@ -191,20 +229,134 @@ def sample(model: Callable, shape: Optional[Sequence[int]] = None, steps: int = 
         w = math.nan
     if not math.isfinite(w) or w < 0:
         raise ValueError(f"guidance_scale must be a finite number >= 0, got {guidance_scale!r}")
-    guidance_scale = w
     if classifier is not None and (classifier_scale is None or not np.isfinite(classifier_scale)):
         raise ValueError(f"classifier_scale must be a finite number, got {classifier_scale!r}")
-    if y is not None:
-        num_classes = getattr(model, "num_classes", None)
-        labels = guidance.as_labels(y, batch, x.device, num_classes)
-        if guidance_scale > 0:
-            model_fn = guidance.ClassifierFreeGuidance(model, labels, guidance_scale,
-                                                       guidance.null_label_of(model, null_label),
-                                                       x.shape[1] if d.learned_variance else None)
-        elif num_classes is not None:  # a class-conditional model sees the labels
-            model_fn = functools.partial(model, y=labels)
-    elif guidance_scale > 0 or classifier is not None:
-        raise ValueError("guidance needs the target labels: pass y=")
+    if y is None:
+        if w > 0 or classifier is not None:
+            raise ValueError("guidance needs the target labels: pass y=")
+        return model, None
+    num_classes = getattr(model, "num_classes", None)
+    labels = guidance.as_labels(y, x.shape[0], x.device, num_classes)
+    if w > 0:
+        null = guidance.null_label_of(model, null_label)
+        if isinstance(null_label, bool) or (null_label is not None and not isinstance(null_label, (int, np.integer))):
+            raise TypeError(f"null_label must be an int, got {type(null_label).__name__} ({null_label!r})")
+        if null < 0 or (num_classes is not None and null > num_classes):
+            raise ValueError(f"null_label must be in [0, {num_classes if num_classes is not None else 'num_classes'}]"
+                             f" (the model's 'no label' index is num_classes), got {null_label!r}")
+        return guidance.ClassifierFreeGuidance(model, labels, w, null, mean_channels), labels
+    if num_classes is not None:  # a class-conditional model sees the labels
+        return functools.partial(model, y=labels), labels
+    if classifier is None:
+        raise ValueError(f"y={y if isinstance(y, int) else 'tensor'} given, but the model is not class-conditional "
+                         "(no `num_classes`) and no classifier= is given: the labels would be ignored")
+    return model, labels
+
+
+@torch.no_grad()
+def sample(model: Callable, shape: Optional[Sequence[int]] = None, steps: int = 50, eta: float = 0.0,
+           diffusion: Optional[Union[GaussianDiffusion, SDE]] = None, seed: int = 0, spacing=None,
+           clip_denoised: Optional[bool] = None, sampler: str = "ddim", x_T: Optional[torch.Tensor] = None,
+           n: int = 16, model_kwargs: Optional[dict] = None, progress: bool = False,
+           device=None, dtype: torch.dtype = torch.float32, sample_offset: int = 0,
+           cuda_graph: bool = False, compile: Optional[str] = None,
+           y: Optional[Union[int, torch.Tensor]] = None, guidance_scale: Optional[float] = None,
+           classifier: Optional[Callable] = None, classifier_scale: float = 1.0,
+           null_label: Optional[int] = None, timesteps: Optional[Sequence] = None,
+           s_churn: Optional[float] = None, rtol: Optional[float] = None, atol: Optional[float] = None,
+           snr: Optional[float] = None, corrector_steps: Optional[int] = None,
+           stats: Optional[dict] = None) -> torch.Tensor:
+    """Draw samples with one of `SAMPLERS` (docs/score-based.md for the continuous-time ones).
+
+    model: any callable model(x_t, t, **model_kwargs), t a LongTensor (B,) of original timesteps
+        (a float tensor of times for a continuous-time `diffusion=fastdiff.sde.SDE`). A non-tensor
+        output with a tensor `.sample` (diffusers' UNet2DOutput) is unwrapped.
+    shape: full shape (B, ...) of the batch; omitted for models with `sample_shape`, then
+        `n` samples are drawn.
+    sampler: "ddim" (Eq. 114, sigma from Eq. 119; eta) | "ddpm" (ancestral, the diffusion's
+        variance) -- one fused `ops.sampler_step` per step -- or a continuous-time solver:
+        "euler" | "heun" (Karras et al. Alg. 1/2; s_churn) | "dpm_solver_2" | "dpm_solver_3"
+        (Lu et al. 2022a, 2 / 3 evaluations per step) | "dpmpp_2m" | "dpmpp_3m" (Lu et al. 2022b)
+        | "sde" (reverse SDE, Euler-Maruyama) | "pc" (predictor-corrector; snr, corrector_steps)
+        | "ode" (adaptive RK45 on the probability-flow ODE; rtol, atol; `steps` ignored).
+        Every solver ends with the first-order step into sigma = 0.
+    steps, spacing, timesteps: the sampler visits `steps` timesteps placed by `spacing` ("uniform",
+        "leading", "trailing", "quadratic", "logsnr", "karras"; None: the model's `default_spacing`
+        (a name or a callable steps -> original timesteps) if it has one, else the sampler's
+        default, `DEFAULT_SPACING`), or exactly the original timesteps in `timesteps`.
+    seed, sample_offset: the noise of sample i is a function of (seed, sample_offset + i,
+        step, element) only, so the first image of a batch equals the image drawn alone
+        (for "ode" only up to its tolerance: the step size is chosen for the whole batch).
+    cuda_graph / compile (ddim and ddpm only): capture model call + step once as a CUDA graph /
+        run the model under torch.compile(mode=compile); see fastdiff/sampling/cuda_graphs.py.
+    y: class labels (int or (B,)) for a class-conditional model (`num_classes`) or a classifier.
+    guidance_scale: classifier-free guidance w (Ho & Salimans): eps~ = (1 + w) eps(x, y) -
+        w eps(x, none); None: the model's `default_guidance_scale` when y is given, else 0.
+        The "no label" index is `null_label`, by default model.num_classes.
+    classifier, classifier_scale: classifier guidance (Dhariwal & Nichol): eps - s sigma
+        grad log p(y | x_t); ancestral sampling shifts the mean by s Sigma grad log p(y | x_t).
+    clip_denoised: clamp the predicted x_0 to [-1, 1] (every sampler); None: the model's
+        `default_clip_denoised` attribute if it has one (an imported diffusers scheduler's
+        clip_sample), else True.
+    stats: a dict that receives {"nfe": network evaluations, "timesteps": what was visited}.
+    """
+    _check_choice("sampler", sampler, SAMPLERS)
+    opts = _solver_options(sampler, eta, s_churn, rtol, atol, snr, corrector_steps, seed, sample_offset)
+    d, sde = _resolve_process(model, diffusion)
+    if clip_denoised is None:
+        clip_denoised = bool(getattr(model, "default_clip_denoised", True))
+    if d is not None:
+        ts = _table_timesteps(model, d, sampler, steps, spacing, timesteps)
+    else:
+        if sampler in ("ddim", "ddpm"):
+            raise ValueError(f"sampler={sampler!r} needs a discrete-time GaussianDiffusion, got {sde!r}")
+        ts = _sde_times(sde, sampler, steps, spacing, timesteps)
+    min_steps = SOLVERS[sampler].order if sampler in SOLVERS else 1
+    if len(ts) < min_steps:
+        raise ValueError(f"sampler={sampler!r} needs steps >= {min_steps} (its multistep order), got {len(ts)}")
+    x = _initial_x(model, shape, x_T, n, seed, sample_offset, dtype, device)
+    if d is None and x_T is None:
+        x = sde.prior_sample(x)
+    mean_channels = x.shape[1] if d is not None and d.learned_variance else None
+    model_fn, labels = _guided_model(model, x, y, guidance_scale, classifier, classifier_scale, null_label,
+                                     mean_channels)
+    if sampler in ("ddim", "ddpm"):
+        index = {t: i for i, t in enumerate(d.timestep_map.tolist())}
+        steps_used = d.respace([index[t] for t in ts])
+        if stats is not None:
+            stats.update(nfe=len(ts), timesteps=list(ts))
+        return _sample_fused(model_fn, x, steps_used, sampler, opts, clip_denoised, model_kwargs, progress,
+                             cuda_graph, compile, classifier, classifier_scale, labels)
+    if cuda_graph or compile is not None:
+        raise ValueError(f"cuda_graph/compile serve sampler='ddim'/'ddpm' only, got sampler={sampler!r}")
+    if d is not None:
+        index = {t: i for i, t in enumerate(d.timestep_map.tolist())}
+        times = [sde.time_of_index(index[t]) for t in sorted(ts, reverse=True)]
+        final = float(getattr(d, "final_alpha_cumprod", 1.0))
+    else:
+        times, final = ts, 1.0
+    if sampler == "ode":
+        times = [times[0], times[-1]]
+    den = Denoiser(model_fn, sde, d.prediction if d is not None else getattr(model, "prediction", "eps"),
+                   model_kwargs, clip_denoised, d.split_output if d is not None else None,
+                   classifier, labels, classifier_scale)
+    x = SOLVERS[sampler].fn(den, x, make_grid(sde, times, final), opts)
+    if stats is not None:
+        stats.update(nfe=den.nfe, timesteps=list(ts))
+    return x
+
+
+def _sample_fused(model_fn, x, d, sampler, opts, clip_denoised, model_kwargs, progress, cuda_graph, compile,
+                  classifier, classifier_scale, labels):
+    """DDIM / ancestral DDPM on the respaced diffusion d: one fused `ops.sampler_step` per step."""
+    seed, sample_offset = opts.seed, opts.sample_offset
+    # Every step's scalars up front: nothing is recomputed inside the loop.
+    coefs = [step_coefficients(d, i, sampler, opts.eta) for i in range(d.T)]
+    # The kernel reads the model's variance channels only for an ancestral step with a
+    # learned variance; DDIM's sigma comes from eta, so it is handed the mean channels.
+    variance = d.variance if (sampler == "ddpm" and d.learned_variance) else "fixed"
+    mean_only = sampler == "ddim" and d.learned_variance
+    batch = x.shape[0]
     if classifier is not None and (cuda_graph or compile is not None):
         raise ValueError("classifier guidance needs a gradient per step: use it without cuda_graph/compile")
     if cuda_graph or compile is not None:
@@ -219,10 +371,7 @@ def sample(model: Callable, shape: Optional[Sequence[int]] = None, steps: int = 
         indices = tqdm(indices, desc=f"{sampler} sampling", total=d.T)
     for i in indices:
         t = torch.full((batch,), int(d.timestep_map[i]), dtype=torch.long, device=x.device)
-        out = model_fn(x, t, **(model_kwargs or {}))
-        if not isinstance(out, torch.Tensor) and isinstance(getattr(out, "sample", None), torch.Tensor):
-            out = out.sample  # diffusers' UNet2DOutput
-        out = out.to(x.dtype)
+        out = unwrap_output(model_fn(x, t, **(model_kwargs or {}))).to(x.dtype)
         mean_part, var_part = d.split_output(out, x)  # shape check with a clear message
         grad = None
         if classifier is not None:
@@ -244,7 +393,6 @@ def sample(model: Callable, shape: Optional[Sequence[int]] = None, steps: int = 
         if grad is not None and sampler == "ddpm":
             x += grad
     return x
-
 
 def sample_in_batches(model: Callable, n: int, batch_size: int, *, y: Optional[torch.Tensor] = None,
                       seed: int = 0, sample_offset: int = 0, **kwargs) -> Iterator[torch.Tensor]:
