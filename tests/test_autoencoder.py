@@ -11,6 +11,9 @@ CONFIGS = [
     dict(block_out_channels=(32, 32), layers_per_block=1, latent_channels=4, norm_num_groups=8, size=16),
     # 3 levels (f = 4), widening 32 -> 64 (conv_shortcut in the residual blocks), 2 layers, 3 latents
     dict(block_out_channels=(32, 64, 64), layers_per_block=2, latent_channels=3, norm_num_groups=16, size=32),
+    # one 288-channel level: the mid attention's head is wider than the fused kernel's 256 (SDPA path,
+    # as SD's 512-channel VAE takes); f = 1
+    dict(block_out_channels=(288,), layers_per_block=1, latent_channels=4, norm_num_groups=32, size=8),
 ]
 
 
@@ -36,7 +39,7 @@ def _close(a, b, tol=1e-4):
     assert err <= tol, f"max |fastdiff - diffusers| = {err:.3g} > {tol}"
 
 
-@pytest.mark.parametrize("cfg", CONFIGS, ids=["f2", "f4"])
+@pytest.mark.parametrize("cfg", CONFIGS, ids=["f2", "f4", "wide-head"])
 def test_matches_diffusers(cfg):
     peer, ours = _pair(cfg)
     x = torch.randn(2, 3, cfg["size"], cfg["size"], generator=torch.Generator().manual_seed(1))
