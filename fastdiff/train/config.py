@@ -14,6 +14,9 @@ from fastdiff.diffusion import LOSSES, PREDICTIONS, T_SAMPLERS, VARIANCES, Gauss
 from fastdiff.models.unet import PRESETS, UNet
 from fastdiff.options import nonneg_float, nonneg_int, option, positive_float, positive_int, step_list
 from fastdiff.schedule import NoiseSchedule
+from fastdiff.sde import WEIGHTINGS, ContinuousTimeLoss, VESDE
+
+SDE_NAMES = ("vp", "ve")
 
 # Fields of a resumed run that may differ from the checkpoint's config.
 RESUMABLE_OVERRIDES = ("steps", "out", "resume", "save_every", "sample_every", "sample_at_end", "progress",
@@ -64,6 +67,12 @@ class TrainConfig:
     loss: str = option("simple", "training loss", choices=LOSSES)
     t_sampler: str = option("uniform", "how t is drawn (importance: Nichol & Dhariwal Eq. 103)",
                             choices=T_SAMPLERS)
+    sde: Optional[str] = option(None, "continuous-time training (Song et al. 2021; docs/score-based.md): 'vp' "
+                                "(the --schedule as a VP SDE, t ~ U(1/T, 1)) or 've' (sigma 0.01..50 in Karras' "
+                                "VP scaling); the model stays a discrete-time model of its schedule",
+                                choices=SDE_NAMES)
+    weighting: str = option("simple", "with --sde: lambda(t) = sigma^2 ('simple', eps-MSE) or g^2 ('likelihood', "
+                            "t drawn in proportion to g^2 / sigma^2)", choices=WEIGHTINGS)
     # model
     dropout: Optional[float] = option(None, "default: the preset's", type=nonneg_float)
     class_cond: bool = option(False, "condition on the dataset's labels")
@@ -92,6 +101,13 @@ class TrainConfig:
                 raise ValueError(msg)
         need(self.preset in PRESETS, f"preset must be one of {tuple(PRESETS)}, got {self.preset!r}")
         need(self.loss in LOSSES, f"loss must be one of {LOSSES}, got {self.loss!r}")
+        need(self.sde is None or self.sde in SDE_NAMES, f"sde must be one of {SDE_NAMES} or None, got {self.sde!r}")
+        need(self.weighting in WEIGHTINGS, f"weighting must be one of {WEIGHTINGS}, got {self.weighting!r}")
+        need(self.sde is None or (self.loss == "simple" and self.variance in (None, "fixed_small", "fixed_large")),
+             f"sde={self.sde!r} trains the mean only: use loss='simple' with a fixed variance, got "
+             f"loss={self.loss!r}, variance={self.variance!r}")
+        need(self.sde is not None or self.weighting == "simple",
+             f"weighting={self.weighting!r} needs continuous-time training (--sde vp|ve)")
         need(self.t_sampler in T_SAMPLERS, f"t_sampler must be one of {T_SAMPLERS}, got {self.t_sampler!r}")
         need(self.prediction in PREDICTIONS, f"prediction must be one of {PREDICTIONS}, got {self.prediction!r}")
         need(self.variance is None or self.variance in VARIANCES,
@@ -168,9 +184,19 @@ def merge_resumed(saved: TrainConfig, given: TrainConfig) -> Tuple[TrainConfig, 
 
 # --------------------------------------------------------------------------- building
 def build_diffusion(config: TrainConfig) -> GaussianDiffusion:
-    schedule = NoiseSchedule.named(config.schedule, config.T)
+    if getattr(config, "sde", None) == "ve":
+        schedule = VESDE().schedule(config.T)  # the VE SDE as a VP schedule (fastdiff.sde.VESDE.schedule)
+    else:
+        schedule = NoiseSchedule.named(config.schedule, config.T)
     return GaussianDiffusion(schedule, prediction=config.prediction, variance=config.resolved_variance,
                              loss=config.loss, t_sampler=config.t_sampler)
+
+
+def build_continuous_loss(config: TrainConfig, diffusion: GaussianDiffusion) -> Optional[ContinuousTimeLoss]:
+    """The continuous-time DSM loss of --sde (None for discrete-time training)."""
+    if getattr(config, "sde", None) is None:
+        return None
+    return ContinuousTimeLoss(diffusion.schedule, weighting=config.weighting, prediction=config.prediction)
 
 
 def build_model(config: TrainConfig, in_channels: int, num_classes: Optional[int]) -> UNet:

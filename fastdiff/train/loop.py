@@ -31,8 +31,8 @@ from fastdiff.models.unet import UNet
 from fastdiff.train import distributed
 from fastdiff.train.checkpoint import (CHECKPOINT_JSON, load_tensors, read_checkpoint_record, save_checkpoint,
                                        set_rng_state, state_tensors, unflatten_optimizer)
-from fastdiff.train.config import (TrainConfig, TrainResult, build_model, config_from_dict, ema_rate_at, lr_at,
-                                   merge_resumed, step_seed)
+from fastdiff.train.config import (TrainConfig, TrainResult, build_continuous_loss, build_model, config_from_dict,
+                                   ema_rate_at, lr_at, merge_resumed, step_seed)
 from fastdiff.train.ema import ema_update
 
 
@@ -106,6 +106,7 @@ class _Run:
         torch.manual_seed(config.seed)
         self.model = build_model(config, self.dataset.shape[0], self.dataset.num_classes).to(self.device)
         self.diffusion = self.model.diffusion
+        self.continuous_loss = build_continuous_loss(config, self.diffusion)  # --sde (None: discrete t)
         self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
         if config.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -158,7 +159,10 @@ class _Run:
         dev_gen = gen if device.type == "cpu" else \
             torch.Generator(device).manual_seed(step_seed(config.seed, step, 0, 2))
         torch.manual_seed(step_seed(config.seed, step, rank, 3))  # dropout masks
-        t, weights = (v[mine] for v in self.diffusion.t_sampler.sample(n, device, gen))
+        if self.continuous_loss is not None:
+            t, weights = self.continuous_loss.sample_t(n, gen)[mine], torch.ones(x.shape[0], device=device)
+        else:
+            t, weights = (v[mine] for v in self.diffusion.t_sampler.sample(n, device, gen))
         noise = torch.randn((n, *x.shape[1:]), generator=dev_gen, device=device, dtype=x.dtype)[mine]
         kwargs = {}
         if config.class_cond:
@@ -174,7 +178,8 @@ class _Run:
         for g in self.opt.param_groups:
             g["lr"] = lr_at(config, step)
         x, t, weights, noise, kwargs = self._batch(step)
-        terms = self.diffusion.training_losses(self._model_fn, x, t=t, noise=noise, model_kwargs=kwargs)
+        losses = self.continuous_loss or self.diffusion.training_losses
+        terms = losses(self._model_fn, x, t=t, noise=noise, model_kwargs=kwargs)
         loss = (terms["loss"] * weights).mean()
         # One collective decides for every rank: skip the step if any rank's loss is not
         # finite (the backward's all-reduce must run on all ranks or none).
@@ -197,10 +202,11 @@ class _Run:
         self.opt.zero_grad(set_to_none=True)
         if not grad_ok:
             return "gradient"
-        # every rank's t-sampler sees every rank's losses: they stay equal
-        vb = distributed.all_gather_cat(terms["vb"].detach().float(), self.world)
-        tt = distributed.all_gather_cat(t, self.world)
-        self.diffusion.t_sampler.update(tt.cpu(), vb.cpu())
+        if self.continuous_loss is None:  # (no t-sampler in continuous time)
+            # every rank's t-sampler sees every rank's losses: they stay equal
+            vb = distributed.all_gather_cat(terms["vb"].detach().float(), self.world)
+            tt = distributed.all_gather_cat(t, self.world)
+            self.diffusion.t_sampler.update(tt.cpu(), vb.cpu())
         value = flag[0].item()
         self.losses.append((step, value))
         self.pending_log.append({"step": step, "loss": value, "lr": lr_at(config, step)})
