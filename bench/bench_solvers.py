@@ -1,0 +1,53 @@
+"""Per-step cost of each sampler outside the network (#13): every sampler run with a network that
+costs nothing (it returns a fixed tensor), on an image batch, divided by its steps; beside it the
+tiny U-Net's forward on the same batch, so the figure that matters is the ratio: how much a
+step of each solver adds to one network evaluation.
+
+    pytest bench/bench_solvers.py --benchmark-only
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import _machine
+import fastdiff
+
+SHAPE = (2, 3, 8, 8) if _machine.SMOKE else (16, 3, 32, 32)
+STEPS = 4 if _machine.SMOKE else 20
+SAMPLERS = ["ddim", "ddpm", "euler", "heun", "dpmpp_2m", "dpmpp_3m", "dpm_solver_2", "dpm_solver_3", "sde", "pc"]
+
+
+class _FreeNetwork(torch.nn.Module):
+    """eps = a fixed tensor: the sampler's own arithmetic is all that is timed."""
+
+    def __init__(self):
+        super().__init__()
+        self.eps = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0)) * 0.1
+
+    def forward(self, x, t):
+        return self.eps
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_solver_overhead(benchmark, report, sampler):
+    model = _FreeNetwork()
+    stats = {}
+    benchmark.group = f"solver overhead per run of {STEPS} steps, batch {SHAPE}"
+    benchmark(lambda: fastdiff.sample(model, SHAPE, steps=STEPS, sampler=sampler, stats=stats))
+    benchmark.extra_info["nfe"] = stats.get("nfe")
+    report.add(benchmark, benchmark.group, f"{sampler} ({stats.get('nfe')} NFE)")
+
+
+def test_network_forward(benchmark, report):
+    """The tiny U-Net's forward on the same batch, times the steps: what the overheads compare with."""
+    net = fastdiff.UNet.preset("tiny", image_size=SHAPE[-1], in_channels=SHAPE[1]).eval()
+    x, t = torch.randn(SHAPE), torch.full((SHAPE[0],), 500, dtype=torch.long)
+    benchmark.group = f"solver overhead per run of {STEPS} steps, batch {SHAPE}"
+
+    def run():
+        with torch.no_grad():
+            for _ in range(STEPS):
+                net(x, t)
+    benchmark(run)
+    report.add(benchmark, benchmark.group, f"tiny U-Net x {STEPS}", baseline=True)
