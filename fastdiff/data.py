@@ -26,6 +26,15 @@ SHAPE_CLASSES = ("circle", "square", "triangle", "plus", "ring", "stripes", "dia
                  "crescent")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
 CIFAR_RECORD = 1 + 3 * 32 * 32
+# Explicit bounds on what a data file may make us allocate (the file's own sizes are checked
+# against its header before any array is read): more classes than this, or a decoded array
+# or a dataset in memory larger than this many bytes, is refused with a clear error.
+MAX_CLASSES = 100_000
+MAX_SHAPES_SIZE = 1024
+try:
+    MAX_DATA_BYTES = int(float(os.environ.get("FASTDIFF_MAX_DATA_GIB", "8")) * 2 ** 30)
+except ValueError:  # a malformed setting: the default
+    MAX_DATA_BYTES = 8 << 30
 
 
 class DatasetError(InputError):
@@ -47,7 +56,14 @@ class ImageDataset(torch.utils.data.Dataset):
         self.labels = labels.long() if labels is not None else None
         self.name = name
         if labels is not None and class_names is None:
-            class_names = [str(i) for i in range(int(labels.max()) + 1)]
+            top = int(labels.max())
+            if top >= MAX_CLASSES:
+                raise DatasetError(f"{name}: label {top} is too large: at most {MAX_CLASSES} classes "
+                                   f"(labels 0..{MAX_CLASSES - 1})")
+            class_names = [str(i) for i in range(top + 1)]
+        if labels is not None and labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= len(class_names)):
+            raise DatasetError(f"{name}: labels must lie in [0, {len(class_names) - 1}], got "
+                               f"[{int(labels.min())}, {int(labels.max())}]")
         self.class_names = list(class_names) if class_names is not None else None
 
     @property
@@ -159,9 +175,9 @@ def make_shapes(n: int, seed: int = 0, size: int = 32) -> Tuple[np.ndarray, np.n
     """n RGB images (n, 3, size, size) uint8 and their labels (shape kind). Image i depends on
     (seed, i) only. Each: one shape of a random colour, position, size (and rotation where it
     shows), anti-aliased, on a plain or gradient background of a contrasting darkness."""
-    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 10:
-        raise ValueError(f"size must be an integer >= 10 (the largest shape and its 1-pixel margin must fit), "
-                         f"got {size!r}")
+    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or not 10 <= size <= MAX_SHAPES_SIZE:
+        raise ValueError(f"size must be an integer in [10, {MAX_SHAPES_SIZE}] (the largest shape and its 1-pixel "
+                         f"margin must fit; drawing is super-sampled 4x), got {size!r}")
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
         raise ValueError(f"n must be an integer >= 0, got {n!r}")
     ss = 4  # super-sampling factor for anti-aliasing
@@ -213,9 +229,13 @@ def _resize_batch(images: torch.Tensor, size: Optional[int], name: str) -> torch
         return images
     s = min(h, w)
     top, left = (h - s) // 2, (w - s) // 2
-    x = images[:, :, top:top + s, left:left + s].float()
-    x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=s > size, align_corners=False)
-    return x.round().clamp(0, 255).to(torch.uint8)
+    out = torch.empty((n, c, size, size), dtype=torch.uint8)
+    chunk = max(1, (64 << 20) // (4 * c * s * s))  # float copies of at most ~64 MB at a time
+    for i in range(0, n, chunk):
+        x = images[i:i + chunk, :, top:top + s, left:left + s].float()
+        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=s > size, align_corners=False)
+        out[i:i + chunk] = x.round().clamp(0, 255).to(torch.uint8)
+    return out
 
 
 def load_image_folder(path: Path, size: int = 32, channels: int = 3) -> ImageDataset:
@@ -276,7 +296,40 @@ def load_cifar10(path: Path, train: bool = True, size: int = 32) -> ImageDataset
     return ImageDataset(_resize_batch(images, size, str(path)), labels, name=str(path), class_names=CIFAR_CLASSES)
 
 
+def _check_npz_sizes(path: Path) -> None:
+    """Read each member's .npy header (shape, dtype) without its data, and refuse what would
+    decode to more than MAX_DATA_BYTES or does not match the member's stored size: a small
+    compressed file cannot make us allocate without bound."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as zf:
+            for info in zf.infolist():
+                if not info.filename.endswith(".npy"):
+                    continue
+                with zf.open(info) as f:
+                    version = np.lib.format.read_magic(f)
+                    read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0) else
+                                   np.lib.format.read_array_header_2_0)
+                    shape, _, dtype = read_header(f)
+                    header = f.tell() if f.seekable() else None
+                nbytes = int(np.prod(shape, dtype=object)) * dtype.itemsize
+                if nbytes > MAX_DATA_BYTES:
+                    raise DatasetError(f"{path}: array {info.filename[:-4]!r} of shape {shape} would take "
+                                       f"{nbytes / 2**30:.1f} GiB (at most {MAX_DATA_BYTES / 2**30:.0f} GiB)")
+                if info.file_size < nbytes or (header is not None and info.file_size != header + nbytes):
+                    raise DatasetError(f"{path}: array {info.filename[:-4]!r} claims shape {shape} ({nbytes} "
+                                       f"bytes) but its member holds {info.file_size} bytes")
+    except DatasetError:
+        raise
+    except zipfile.BadZipFile as e:
+        raise DatasetError(f"{path}: not an .npz file ({e})") from None
+    except (OSError, ValueError) as e:
+        raise DatasetError(f"{path}: cannot read .npz file ({type(e).__name__}: {e})") from None
+
+
 def load_npz(path: Path, size: Optional[int] = 32) -> ImageDataset:
+    _check_npz_sizes(path)
     try:
         with np.load(path, allow_pickle=False) as z:
             keys = set(z.files)
@@ -357,7 +410,12 @@ def load_dataset(name_or_path: str, image_size: int = 32, train: bool = True, se
     """A dataset by name ("shapes", "digits") or path (folder of images, CIFAR-10 folder or
     .bin file, .npz file). `n` sets the size of "shapes" (default 10000)."""
     if name_or_path == "shapes":
-        return shapes_dataset(n=n or 10000, seed=seed, size=image_size, train=train)
+        n = n or 10000
+        if n * 3 * image_size * image_size > MAX_DATA_BYTES:
+            raise DatasetError(f"shapes: {n} images of {image_size}x{image_size} would take "
+                               f"{n * 3 * image_size ** 2 / 2**30:.1f} GiB (at most {MAX_DATA_BYTES / 2**30:.0f} "
+                               f"GiB): lower the dataset size or the image size")
+        return shapes_dataset(n=n, seed=seed, size=image_size, train=train)
     if name_or_path == "digits":
         return load_digits(image_size)
     path = Path(os.path.expanduser(name_or_path))

@@ -29,6 +29,30 @@ def _check_choice(name: str, value, choices: Sequence[str]) -> str:
     return value
 
 
+def check_data(name: str, x) -> torch.Tensor:
+    """`x` as a batch of data in [-1, 1]: a floating-point tensor (B, ...) with B >= 1."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a floating-point tensor (B, C, H, W) in [-1, 1], got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor in [-1, 1], got dtype {x.dtype} (integer images: "
+                        f"convert with fastdiff.data.to_model_range)")
+    if x.dim() < 2 or x.shape[0] == 0:
+        raise ValueError(f"{name} must be a non-empty batch (B >= 1, then at least one data dimension), "
+                         f"got shape {tuple(x.shape)}")
+    return x
+
+
+def check_model_output(output, x_t: torch.Tensor) -> torch.Tensor:
+    """A model's output, refused unless it is a floating-point tensor: an integer or bool output
+    would otherwise be cast to x_t's dtype without a word."""
+    if not isinstance(output, torch.Tensor):
+        raise TypeError(f"the model must return a tensor, got {type(output).__name__}")
+    if not output.is_floating_point():
+        raise TypeError(f"the model returned a {output.dtype} tensor; a diffusion model's output must be "
+                        f"floating point (like x_t, {x_t.dtype})")
+    return output
+
+
 # --------------------------------------------------------------------------- densities
 def normal_kl(mean1, logvar1, mean2, logvar2) -> torch.Tensor:
     """KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)), elementwise, in nats."""
@@ -284,7 +308,8 @@ class GaussianDiffusion:
         return x0
 
     def split_output(self, model_output: torch.Tensor, x_t: torch.Tensor):
-        """(mean part, variance part or None) of a model output, checking its shape."""
+        """(mean part, variance part or None) of a model output, checking its type and shape."""
+        check_model_output(model_output, x_t)
         channels = self.output_channels(x_t.shape[1]) if x_t.dim() > 1 else None
         expected = (x_t.shape[0], channels, *x_t.shape[2:]) if channels else tuple(x_t.shape)
         if tuple(model_output.shape) != tuple(expected):
@@ -314,7 +339,7 @@ class GaussianDiffusion:
         t = self._check_t(t, x_t.shape[0])
         if model_output is None:
             model_output = model(x_t, self.model_timesteps(t), **(model_kwargs or {}))
-        model_output = model_output.to(x_t.dtype)
+        model_output = check_model_output(model_output, x_t).to(x_t.dtype)
         mean_part, var_part = self.split_output(model_output, x_t)
         log_variance = self.model_log_variance(t, x_t, var_part)
         pred_xstart = self.predict_xstart(x_t, t, mean_part)
@@ -352,7 +377,11 @@ class GaussianDiffusion:
         "mse" (Eq. 98), "vb" (L_t in bits/dim, Eq. 81), "t" and "weights". When t is drawn
         here, the importance sampler (Eq. 103) is updated with the batch's L_t.
         """
-        batch = x0.shape[0]
+        batch = check_data("x0", x0).shape[0]
+        if noise is not None and (not isinstance(noise, torch.Tensor) or noise.shape != x0.shape
+                                  or not noise.is_floating_point()):
+            raise ValueError(f"noise must be a floating-point tensor of x0's shape {tuple(x0.shape)}, got "
+                             f"{getattr(noise, 'dtype', type(noise).__name__)} {tuple(getattr(noise, 'shape', ()))}")
         draw_t = t is None
         if draw_t:
             t, weights = self.t_sampler.sample(batch, x0.device, generator)
@@ -399,7 +428,7 @@ class GaussianDiffusion:
         Returns "total_bpd" (B,), "prior_bpd" (B,), "vb" (B, T) indexed by t,
         "xstart_mse" (B, T) and "mse" (B, T) of the eps implied by the model.
         """
-        batch = x0.shape[0]
+        batch = check_data("x0", x0).shape[0]
         vb = torch.zeros(batch, self.T, dtype=torch.float64, device=x0.device)
         xstart_mse = torch.zeros_like(vb)
         eps_mse = torch.zeros_like(vb)

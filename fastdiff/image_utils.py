@@ -10,9 +10,22 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 
+class NonFiniteImagesError(ValueError):
+    """Images (samples) that hold NaN or inf: nothing is written."""
+
+
 def image_grid(images: torch.Tensor, nrow: Optional[int] = None, padding: int = 2, scale: int = 1) -> Image.Image:
-    """A grid of a batch (N, C, H, W), float in [-1, 1] or uint8, as a PIL image."""
+    """A grid of a batch (N, C, H, W), float in [-1, 1] or uint8, as a PIL image. Non-finite
+    values are refused: clamped to -1 they would draw as black pixels, a silent wrong image."""
+    if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[0] == 0:
+        raise ValueError(f"images must be a non-empty (N, C, H, W) tensor, got "
+                         f"{tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__}")
     if images.dtype != torch.uint8:
+        finite = torch.isfinite(images.detach())
+        if not bool(finite.all()):
+            bad = int((~finite).flatten(1).any(dim=1).sum())
+            raise NonFiniteImagesError(f"{bad} of {images.shape[0]} images hold NaN or inf values; "
+                                       f"refusing to draw them")
         images = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     images = images.cpu()
     n, c, h, w = images.shape
@@ -32,8 +45,10 @@ def image_grid(images: torch.Tensor, nrow: Optional[int] = None, padding: int = 
 
 
 def save_image_grid(images: torch.Tensor, path, nrow: Optional[int] = None, scale: int = 1) -> None:
+    """Draw the grid first (it refuses non-finite images), then create the folder and write."""
+    img = image_grid(images, nrow=nrow, scale=scale)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    image_grid(images, nrow=nrow, scale=scale).save(path)
+    img.save(path)
 
 
 def _nice_ticks(lo: float, hi: float, count: int = 5):

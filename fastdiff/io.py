@@ -8,6 +8,7 @@ under the final name.
 from __future__ import annotations
 
 import os
+import socket
 import sys
 import tempfile
 import time
@@ -16,6 +17,8 @@ from typing import Dict
 
 import torch
 import torch.nn as nn
+
+from fastdiff.errors import UserError
 
 
 def _fsync_dir(path: Path) -> None:
@@ -107,3 +110,126 @@ def load_state_dict_strict(module: nn.Module, path, what: str) -> None:
         raise ValueError(f"{path}: {what} weights do not fit the network: {e}") from None
 
 
+
+
+# --------------------------------------------------------------------------- run-folder lock
+LOCK_NAME = ".fastdiff.lock"
+
+
+class RunFolderLocked(UserError):
+    """Another process is writing to the run folder."""
+
+
+class RunLock:
+    """An exclusive lock on a run folder: one writer at a time.
+
+    An advisory `flock` on `<folder>/.fastdiff.lock`, held for as long as the writer lives: the
+    kernel releases it when the process ends, however it ends (kill -9 included), so a stale
+    lock never blocks a resume. The file holds the holder's pid and host for the message a
+    second writer gets. Used as a context manager or with acquire()/release().
+    """
+
+    def __init__(self, folder, what: str = "fastdiff train"):
+        self.folder, self.what, self._fd = Path(folder), what, None
+
+    def acquire(self) -> "RunLock":
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = self.folder / LOCK_NAME
+        fd = os.open(str(path), os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            _lock_fd(fd)
+        except BlockingIOError:
+            try:
+                holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
+            finally:
+                os.close(fd)
+            raise RunFolderLocked(f"{self.folder} is in use by {holder}: a run folder has one writer at a time. "
+                                  f"Wait for it to end, or choose another --out") from None
+        except BaseException:
+            os.close(fd)
+            raise
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{self.what} (pid {os.getpid()} on {socket.gethostname()})\n".encode())
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            os.close(fd)  # closing the descriptor drops the lock
+
+    def __enter__(self) -> "RunLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def _lock_fd(fd: int) -> None:
+    """Take an exclusive, non-blocking lock on fd; BlockingIOError when another holds it."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        import msvcrt
+        try:
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+        except OSError:
+            raise BlockingIOError from None
+        return
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def remove_stale_temp_files(folder, names) -> None:
+    """Delete the temp files atomic_write_bytes left for `names` (files of this folder's
+    writer) when a save was killed. Call it only while holding the folder's RunLock: no other
+    writer can then own them. Other temp files (another program's) are left alone."""
+    folder = Path(folder)
+    for name in names:
+        for stale in folder.glob(f".{name}.*.tmp"):
+            try:
+                stale.unlink()
+            except OSError:
+                pass
+
+
+# --------------------------------------------------------------------------- output paths
+def _first_existing(path: Path) -> Path:
+    p = path
+    while not p.exists() and not p.is_symlink() and p != p.parent:
+        p = p.parent
+    return p
+
+
+def _check_parent(path: Path, flag: str) -> None:
+    anchor = _first_existing(path.parent if str(path.parent) else Path("."))
+    if not anchor.is_dir():
+        raise UserError(f"{flag} {path}: {anchor} is not a folder (it is a file), so nothing can be written "
+                        f"under it")
+    if not os.access(str(anchor), os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {path}: the folder {anchor} is not writable")
+
+
+def check_output_file(path, flag: str = "--out") -> Path:
+    """Check, before any work, that `path` can be written as a file: not an existing folder or
+    special file, and under a folder that exists (or can be created) and is writable.
+    Raises UserError naming the option."""
+    path = Path(os.path.expanduser(str(path)))
+    if path.is_dir():
+        raise UserError(f"{flag} {path}: is a folder; expected a file name")
+    if path.exists() and not path.is_file():
+        raise UserError(f"{flag} {path}: exists and is not a regular file")
+    _check_parent(path, flag)
+    return path
+
+
+def check_output_dir(path, flag: str = "--out") -> Path:
+    """Check, before any work, that `path` is (or can be created as) a writable folder."""
+    path = Path(os.path.expanduser(str(path)))
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{flag} {path}: exists and is not a folder")
+    if path.is_dir():
+        if not os.access(str(path), os.W_OK | os.X_OK):
+            raise UserError(f"{flag} {path}: the folder is not writable")
+        return path
+    _check_parent(path, flag)
+    return path

@@ -31,9 +31,12 @@ class NoiseSchedule:
                                 else betas.detach().cpu(), dtype=torch.float64).clone()
         if betas.dim() != 1 or betas.numel() < 1:
             raise ValueError(f"betas must be a non-empty 1-D sequence, got shape {tuple(betas.shape)}")
-        if not torch.isfinite(betas).all() or (betas <= 0).any() or (betas > 1).any():
-            bad = betas[~(torch.isfinite(betas) & (betas > 0) & (betas <= 1))][0].item()
-            raise ValueError(f"betas must lie in (0, 1], got {bad}")
+        # beta = 1 makes alpha = 0: every later alpha-bar is 0 and the reverse step divides by it
+        ok = torch.isfinite(betas) & (betas > 0) & (betas < 1)
+        if not ok.all():
+            i = int((~ok).nonzero()[0])
+            raise ValueError(f"betas must lie in (0, 1) (beta = 1 destroys the signal and makes sampling "
+                             f"divide by zero), got betas[{i}] = {betas[i].item()!r}")
         self.name = name
         self.betas = betas
         self.alphas = 1.0 - betas
@@ -52,6 +55,9 @@ class NoiseSchedule:
         schedule destroys the signal to the same degree whatever T is.
         """
         T = _check_T(T)
+        for name, v in (("beta_start", beta_start), ("beta_end", beta_end)):
+            if not (isinstance(v, (int, float)) and 0 < v < 1):
+                raise ValueError(f"{name} must lie in (0, 1), got {v!r}")
         scale = 1000.0 / T
         betas = np.linspace(beta_start * scale, beta_end * scale, T, dtype=np.float64)
         return cls(np.minimum(betas, 0.999), name="linear")
@@ -64,8 +70,10 @@ class NoiseSchedule:
         steps stay finite.
         """
         T = _check_T(T)
-        if s < 0:
-            raise ValueError(f"s must be >= 0, got {s}")
+        if not (isinstance(s, (int, float)) and math.isfinite(s) and s >= 0):
+            raise ValueError(f"s must be a finite number >= 0, got {s!r}")
+        if not (isinstance(max_beta, (int, float)) and 0 < max_beta < 1):
+            raise ValueError(f"max_beta must lie in (0, 1) (it caps the last betas below 1), got {max_beta!r}")
 
         def f(u: float) -> float:
             return math.cos((u + s) / (1 + s) * math.pi / 2) ** 2

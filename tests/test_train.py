@@ -145,12 +145,15 @@ def test_nonfinite_losses_are_skipped_and_counted(tmp_path):
 
 def test_too_many_nonfinite_losses_stop_with_a_good_checkpoint(tmp_path, capsys):
     data = _nan_npz(tmp_path / "all_nan.npz")
-    r = train(TrainConfig(**dict(FAST, data=data, out=str(tmp_path / "run"), steps=50, max_nonfinite=3)))
+    r = train(TrainConfig(**dict(FAST, data=data, out=str(tmp_path / "run"), steps=50, max_nonfinite=3,
+                                 save_every=3)))
     assert r.status == "nonfinite" and r.step == 4 and r.nonfinite_skipped == 4
     assert "non-finite" in r.message and "max_nonfinite=3" in r.message
     assert "non-finite" in capsys.readouterr().err
+    # the stop saves nothing: the last checkpoint (step 3) stays the run's record
+    assert "last good checkpoint (step 3)" in r.message
     model, record = load_checkpoint(tmp_path / "run", ema=False)
-    assert record["step"] == 4
+    assert record["step"] == 3
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 

@@ -38,7 +38,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (InputError, FileNotFoundError) as e:
+    except (InputError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as e:
         print(f"fastdiff {args.command}: error: {e}", file=sys.stderr)
         return 1
     except UserError as e:

@@ -260,6 +260,15 @@ def _small_n_warning(n_gen: int, n_ref: int, dim: int):
             "CIFAR-10 FIDs use 50,000 samples: --protocol cifar10-50k)")
 
 
+def check_json_output(path) -> None:
+    """--json is checked before the evaluation, not after it."""
+    if path is not None:
+        from fastdiff.io import check_output_file
+        from fastdiff.train.checkpoint import refuse_run_file
+        refuse_run_file(path, "--json")
+        check_output_file(path, "--json")
+
+
 def cmd_eval_fid(args: argparse.Namespace) -> int:
     import sys
 
@@ -267,6 +276,7 @@ def cmd_eval_fid(args: argparse.Namespace) -> int:
     from fastdiff.metrics.pipeline import describe_subset, image_batches
     from fastdiff.runtime import resolve_device
 
+    check_json_output(args.json)
     t0 = time.time()
     settings = _fid_settings(args)
     device = resolve_device(args.device)
@@ -325,6 +335,7 @@ def cmd_eval_bpd(a: argparse.Namespace) -> int:
         raise UserError(f"--rtol must be a finite number > 0, got {a.rtol}")
     if a.ode and a.steps is not None:
         raise UserError("--steps respaces the variational bound; --ode chooses its own steps (--rtol)")
+    check_json_output(a.json)
     model, origin = load_for_sampling(a.dir, a.no_ema)
     d = model.diffusion
     steps = a.steps or d.T

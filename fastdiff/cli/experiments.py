@@ -11,7 +11,12 @@ from fastdiff.runtime import free_threads
 
 def cmd_demo(a: argparse.Namespace) -> int:
     from fastdiff.experiments.demo import run_demo
+    from fastdiff.io import check_output_dir
+    from fastdiff.train.config import MAX_IMAGE_SIZE
 
+    if a.image_size > MAX_IMAGE_SIZE:
+        raise UserError(f"--image-size must be at most {MAX_IMAGE_SIZE}, got {a.image_size}")
+    check_output_dir(a.out)
     run_demo(out=a.out, minutes=a.minutes, preset=a.preset, batch_size=a.batch_size, n=a.n, seed=a.seed,
              lr=a.lr, dataset_size=a.dataset_size, fp32=a.fp32, image_size=a.image_size, threads=a.threads)
     return 0
@@ -39,6 +44,9 @@ def cmd_reproduce(a: argparse.Namespace) -> int:
         import scipy  # noqa: F401
     except ImportError:
         raise UserError(MATPLOTLIB_HINT) from None
+    from fastdiff.io import check_output_dir
+
+    check_output_dir(a.out)
     threads = a.threads if a.threads is not None else free_threads(announce="fastdiff reproduce")
     argv = ["fastdiff reproduce"] + (["--quick"] if a.quick else []) + ["--out", a.out, "--seed", str(a.seed),
                                                                        "--threads", str(threads)]

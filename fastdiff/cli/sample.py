@@ -6,7 +6,7 @@ import math
 import time
 from pathlib import Path
 
-from fastdiff.errors import UserError
+from fastdiff.errors import InputError, UserError
 from fastdiff.options import nonneg_float, positive_int
 
 
@@ -119,17 +119,67 @@ def draw(model, n: int, labels, a: argparse.Namespace, classifier=None, sample_o
         raise UserError(str(e)) from None
 
 
+def output_paths(out: str):
+    """(png, npz) that `fastdiff sample --out OUT` writes, checked before any work: files that
+    can be written, neither a folder nor a file of a training run."""
+    from fastdiff.io import check_output_file
+    from fastdiff.train.checkpoint import refuse_run_file
+
+    out = Path(out)
+    png, npz = (out, out.with_suffix(".npz")) if out.suffix.lower() != ".npz" else (out.with_suffix(".png"), out)
+    if png.suffix.lower() != ".png":
+        png = png.with_suffix(png.suffix + ".png")
+    for path in (png, npz):
+        refuse_run_file(path)
+        check_output_file(path)
+    return png, npz
+
+
+# Bounds on what one `fastdiff sample` may allocate: all samples are held in memory (fp32), and
+# the PNG grid is one image.
+MAX_SAMPLE_BYTES = 8 << 30
+MAX_GRID_PIXELS = 1 << 28
+
+
+def check_sample_sizes(model, n: int, nrow: int, scale: int) -> None:
+    c, h, w = model.sample_shape
+    if n * c * h * w * 4 > MAX_SAMPLE_BYTES:
+        raise UserError(f"--n {n}: {n} samples of {c}x{h}x{w} take {n * c * h * w * 4 / 2**30:.1f} GiB "
+                        f"(at most {MAX_SAMPLE_BYTES / 2**30:.0f} GiB per call); draw them in several calls "
+                        f"with --seed / fewer samples")
+    rows = -(-n // nrow)
+    pixels = rows * (h + 2) * nrow * (w + 2) * scale * scale
+    if pixels > MAX_GRID_PIXELS:
+        raise UserError(f"--scale {scale}: the PNG grid of {n} samples would have {pixels:,} pixels (at most "
+                        f"{MAX_GRID_PIXELS:,}); lower --scale or --n")
+
+
+def refuse_nonfinite(x, what: str) -> None:
+    """InputError (exit 1) when samples hold NaN or inf: the model is broken (diverged or a
+    damaged file); writing them would give a black image and exit 0."""
+    import torch
+
+    bad = ~torch.isfinite(x).flatten(1).all(dim=1)
+    if bool(bad.any()):
+        raise InputError(f"{int(bad.sum())} of {x.shape[0]} samples hold NaN or inf values: the model ({what}) "
+                         f"produces non-finite outputs (diverged or damaged weights); nothing was written")
+
+
 def cmd_sample(a: argparse.Namespace) -> int:
     import numpy as np
 
     from fastdiff.data import to_uint8
-    from fastdiff.cli.shards import cmd_sample_shards, wants_shards
+    from fastdiff.cli.shards import cmd_sample_shards, is_folder_out, wants_shards
     from fastdiff.image_utils import save_image_grid
 
     from fastdiff.cli.fast import optimize_for, report_compile
+    from fastdiff.io import check_output_dir
 
     if wants_shards(a):  # a folder --out, --shard-size, or torchrun
+        if is_folder_out(a.out):
+            check_output_dir(a.out)
         return cmd_sample_shards(a)
+    png, npz = output_paths(a.out)
     model, origin = load_for_sampling(a.dir, a.no_ema)
     model = optimize_for(model, a)  # --fast
     classifier = None
@@ -137,14 +187,12 @@ def cmd_sample(a: argparse.Namespace) -> int:
         from fastdiff.train.classifier import load_classifier
         classifier = load_classifier(a.classifier)
     labels, n, nrow = class_labels(model, a.n, a.label, a.per_class, classifier)
+    check_sample_sizes(model, n, nrow, a.scale)
     t0 = time.time()
     x, w = draw(model, n, labels, a, classifier)
     seconds = time.time() - t0
     report_compile(model)
-    out = Path(a.out)
-    png, npz = (out, out.with_suffix(".npz")) if out.suffix.lower() != ".npz" else (out.with_suffix(".png"), out)
-    if png.suffix.lower() != ".png":
-        png = png.with_suffix(png.suffix + ".png")
+    refuse_nonfinite(x, f"{a.dir}, {origin}")
     save_image_grid(x, png, nrow=nrow, scale=a.scale)
     arrays = {"images": to_uint8(x).permute(0, 2, 3, 1).numpy()}
     if labels is not None:
@@ -158,9 +206,15 @@ def cmd_sample(a: argparse.Namespace) -> int:
 
 def cmd_export(a: argparse.Namespace) -> int:
     from fastdiff.interop import export_model
+    from fastdiff.io import check_output_file
+    from fastdiff.train.checkpoint import refuse_run_file
 
     if a.format == "diffusers":
         from fastdiff.interop import export_diffusers
+        from fastdiff.io import check_output_dir
+
+        refuse_run_file(a.out)
+        check_output_dir(a.out)
         from fastdiff.interop.native import _EXPORT_DTYPES
         from fastdiff.train import load_checkpoint
 
@@ -170,6 +224,8 @@ def cmd_export(a: argparse.Namespace) -> int:
         print(f"exported {'model' if a.no_ema else 'EMA'} weights of {a.dir} ({a.dtype}) as a diffusers pipeline "
               f"folder {path} ({size / 1e6:.1f} MB)")
         return 0
+    refuse_run_file(a.out)
+    check_output_file(a.out)
     path = export_model(a.dir, a.out, ema=not a.no_ema, dtype=a.dtype)
     print(f"exported {'model' if a.no_ema else 'EMA'} weights of {a.dir} ({a.dtype}) to {path} "
           f"({path.stat().st_size / 1e6:.1f} MB)")

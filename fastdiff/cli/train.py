@@ -27,26 +27,39 @@ def cmd_train(a: argparse.Namespace) -> int:
     if result.status == "nonfinite":
         print(f"fastdiff train: {result.message}", file=sys.stderr)
         return 1
-    if result.status == "time":
+    if result.message:  # the time budget ran out, or steps were skipped
         print(f"fastdiff train: {result.message}", file=sys.stderr)
     print(f"trained to step {result.step} in {result.seconds:.1f}s ({result.steps_per_s:.2f} steps/s, "
           f"{result.samples_per_s:.1f} samples/s); checkpoint in {result.out}")
     return 0
 
 
+def check_image_size(size: int, flag: str = "--image-size") -> None:
+    from fastdiff.train.config import MAX_IMAGE_SIZE
+
+    if size > MAX_IMAGE_SIZE:
+        raise UserError(f"{flag} must be at most {MAX_IMAGE_SIZE}, got {size}")
+
+
 def cmd_train_classifier(a: argparse.Namespace) -> int:
+    from fastdiff.io import check_output_dir
     from fastdiff.train.classifier import ClassifierConfig, train_classifier
 
     cfg = _validated(from_options(ClassifierConfig, a))
+    check_image_size(cfg.image_size)
+    check_output_dir(cfg.out)
     out = train_classifier(cfg)
     print(f"classifier trained for {cfg.steps} steps: {out}")
     return 0
 
 
 def cmd_train_features(args: argparse.Namespace) -> int:
+    from fastdiff.io import check_output_dir
     from fastdiff.metrics.features import SHAPES_RECORD
     from fastdiff.train.features import train_shapes_features
 
+    check_image_size(args.image_size)
+    check_output_dir(args.out)
     t0 = time.time()
     out = train_shapes_features(args.out, steps=args.steps, seed=args.seed, batch_size=args.batch_size,
                                 dataset_size=args.dataset_size, image_size=args.image_size,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from pathlib import Path
 from typing import Tuple
@@ -14,10 +15,13 @@ import torch
 from fastdiff.errors import InputError
 from fastdiff.io import atomic_write_bytes
 from fastdiff.models.unet import UNet
-from fastdiff.train.checkpoint import CHECKPOINT_JSON, load_checkpoint
+from fastdiff.io import check_output_file
+from fastdiff.train.checkpoint import (CHECKPOINT_JSON, check_model_config, check_tensor_shapes, load_checkpoint,
+                                       meta_model, refuse_run_file)
 from fastdiff.train.config import build_diffusion, config_from_dict
 
 MODEL_FORMAT = "fastdiff-model-1"
+_METADATA_KEYS = ("config", "model_config", "step", "weights", "default_guidance_scale")
 _EXPORT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -30,6 +34,8 @@ def export_model(run, path, ema: bool = True, dtype: str = "fp32") -> Path:
 
     if dtype not in _EXPORT_DTYPES:
         raise ValueError(f"dtype must be one of {tuple(_EXPORT_DTYPES)}, got {dtype!r}")
+    refuse_run_file(path, "export path")  # before any work: never over a run's own record or weights
+    check_output_file(path, "export path")
     model, record = load_checkpoint(run, ema=ema)
     tensors = {k: (v.to(_EXPORT_DTYPES[dtype]) if v.is_floating_point() else v).contiguous()
                for k, v in model.state_dict().items()}
@@ -60,18 +66,53 @@ def load_model(path, device="cpu") -> Tuple[UNet, dict]:
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     except Exception as e:
         raise InputError(f"{path}: not a safetensors model file ({type(e).__name__}: {e})") from None
-    if metadata.get("format") != MODEL_FORMAT:
-        raise InputError(f"{path}: not a fastdiff model file (format {metadata.get('format')!r}; "
-                         f"write one with `fastdiff export`)")
-    config = config_from_dict(json.loads(metadata["config"]))
-    model = UNet(diffusion=build_diffusion(config), **json.loads(metadata["model_config"]))
+    config, model_config, guidance, step = _check_metadata(path, metadata)
+    check_tensor_shapes(meta_model(config, model_config), shapes, path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:
+        raise InputError(f"{path}: cannot read the weights ({type(e).__name__}: {e})") from None
+    model = UNet(diffusion=build_diffusion(config), **model_config)
     model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in tensors.items()})
-    model.default_guidance_scale = float(metadata["default_guidance_scale"])
-    info = {"config": dataclasses.asdict(config), "step": int(metadata["step"]), "weights": metadata["weights"],
+    model.default_guidance_scale = guidance
+    info = {"config": dataclasses.asdict(config), "step": step, "weights": metadata["weights"],
             "source": str(path)}
     return model.to(device).eval(), info
+
+
+def _check_metadata(path: Path, metadata: dict):
+    """(config, model_config, default guidance scale, step) from an export's metadata, each
+    checked against the record schemas (fastdiff.train.checkpoint): one InputError naming the
+    key, never a KeyError or a silent default."""
+    def bad(msg):
+        return InputError(f"{path}: invalid fastdiff model metadata: {msg}")
+    missing = [k for k in _METADATA_KEYS if k not in metadata]
+    if missing:
+        raise bad(f"missing {', '.join(missing)}")
+    try:
+        config = config_from_dict(json.loads(metadata["config"]), strict=True)
+    except (TypeError, ValueError) as e:
+        raise bad(f"'config': {e}") from None
+    try:
+        model_config = check_model_config(json.loads(metadata["model_config"]))
+    except (TypeError, ValueError) as e:
+        raise bad(f"{e}") from None
+    try:
+        guidance = float(metadata["default_guidance_scale"])
+        step = int(metadata["step"])
+    except ValueError:
+        raise bad(f"'default_guidance_scale' and 'step' must be numbers, got {metadata['default_guidance_scale']!r:.40} "
+                  f"and {metadata['step']!r:.40}") from None
+    if not (math.isfinite(guidance) and guidance >= 0):
+        raise bad(f"'default_guidance_scale' must be a finite number >= 0, got {guidance!r}")
+    if step < 0:
+        raise bad(f"'step' must be >= 0, got {step}")
+    if metadata["weights"] not in ("ema", "model"):
+        raise bad(f"'weights' must be 'ema' or 'model', got {metadata['weights']!r:.40}")
+    return config, model_config, guidance, step
 
 

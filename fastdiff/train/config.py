@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import typing
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -21,7 +22,7 @@ SDE_NAMES = ("vp", "ve")
 # Fields of a resumed run that may differ from the checkpoint's config.
 RESUMABLE_OVERRIDES = ("steps", "out", "resume", "save_every", "sample_every", "sample_at_end", "progress",
                        "max_minutes", "max_nonfinite", "keep_checkpoints", "log_every", "guidance_scale",
-                       "lr_milestones", "lr_gamma", "device")
+                       "lr_milestones", "lr_gamma", "device", "overwrite", "divergence_factor")
 # Of those, the ones whose None means "not given: keep the recorded value".
 KEPT_WHEN_NONE = ("guidance_scale", "lr_milestones", "lr_gamma")
 # The classifier-free guidance w a class-conditional model trained with label dropout samples
@@ -29,6 +30,14 @@ KEPT_WHEN_NONE = ("guidance_scale", "lr_milestones", "lr_gamma")
 DEFAULT_GUIDANCE_SCALE = 3.0
 DEFAULT_LR_GAMMA = 0.1
 SCHEDULES = ("linear", "cosine")
+# Explicit bounds on sizes read from the command line or a file: above them a run would only
+# allocate without end (a T = 10**9 schedule, a 20000 x 20000 image set).
+MAX_T = 100_000
+MAX_IMAGE_SIZE = 1024
+# Fields every saved config must hold (they define the model and its diffusion): a record
+# without one is refused rather than read with a default (T = 1000 for a T = 50 model).
+REQUIRED_RECORD_FIELDS = ("data", "steps", "preset", "image_size", "schedule", "T", "prediction", "variance",
+                          "loss", "class_cond", "p_uncond", "guidance_scale")
 
 
 @dataclass
@@ -89,9 +98,14 @@ class TrainConfig:
     sample_steps: int = option(50, "DDIM steps of the sample grids", type=positive_int)
     log_every: int = option(10, "progress-bar loss average over N steps", type=positive_int)
     keep_checkpoints: int = option(2, "weights files kept", type=positive_int)
-    max_nonfinite: int = option(20, "stop after more non-finite losses than this", type=nonneg_int)
+    max_nonfinite: int = option(20, "stop after more skipped steps (non-finite or exploding loss) than this",
+                                type=nonneg_int)
+    divergence_factor: float = option(
+        1000.0, "a loss above this many times the median of the recent losses is an explosion: the step is "
+        "skipped and counted with the non-finite ones (0 disables)", type=nonneg_float)
     max_minutes: Optional[float] = option(None, "wall-clock budget", type=positive_float)
     resume: bool = option(False, "continue from the checkpoint in --out")
+    overwrite: bool = option(False, "start from scratch in an --out that holds a run (its checkpoints are replaced)")
     progress: bool = option(True, "no progress bar", flag="--no-progress")
     device: str = option("auto", "auto | cpu | cuda[:i] (a device that is not there is an error)")
 
@@ -132,6 +146,14 @@ class TrainConfig:
         need(self.guidance_scale is None or (math.isfinite(self.guidance_scale) and self.guidance_scale >= 0),
              f"guidance_scale must be None or a finite number >= 0, got {self.guidance_scale!r}")
         need(self.max_nonfinite >= 0, f"max_nonfinite must be >= 0, got {self.max_nonfinite!r}")
+        need(self.divergence_factor == 0 or (math.isfinite(self.divergence_factor) and self.divergence_factor > 1),
+             f"divergence_factor must be 0 (off) or a finite number > 1, got {self.divergence_factor!r}")
+        need(not (self.resume and self.overwrite), "resume and overwrite exclude each other: --resume continues "
+             "the run in --out, --overwrite starts a new one over it")
+        need(self.T <= MAX_T, f"T must be at most {MAX_T}, got {self.T}")
+        need(self.image_size <= MAX_IMAGE_SIZE, f"image_size must be at most {MAX_IMAGE_SIZE}, got {self.image_size}")
+        need(self.dataset_size is None or (isinstance(self.dataset_size, int) and self.dataset_size >= 1),
+             f"dataset_size must be None or a positive integer, got {self.dataset_size!r}")
         need(self.sample_steps <= self.T, f"sample_steps={self.sample_steps} must be <= T={self.T}")
         return self
 
@@ -161,9 +183,47 @@ class TrainResult:
     seconds: float
 
 
-def config_from_dict(d: dict) -> TrainConfig:
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
-    return TrainConfig(**{k: v for k, v in d.items() if k in names})
+def _type_ok(value, hint) -> bool:
+    """Whether a value read back from JSON has the field's declared type."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Union:
+        return any(_type_ok(value, a) for a in args)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if origin in (tuple, list):
+        return isinstance(value, (list, tuple)) and all(_type_ok(v, args[0]) for v in value)
+    if origin is dict:
+        return isinstance(value, dict) and all(isinstance(k, str) for k in value)
+    return True  # Any
+
+
+def config_from_dict(d: dict, strict: bool = False) -> TrainConfig:
+    """The TrainConfig a saved record holds. Unknown keys are ignored (a newer version's); with
+    strict (a file read back), each value must have its field's type, the fields that define
+    the model and its diffusion (REQUIRED_RECORD_FIELDS) must be there, and the bounds of
+    `validate` hold: else ValueError naming the field. Fields added since (bookkeeping, new
+    options) take their defaults."""
+    if not isinstance(d, dict):
+        raise ValueError(f"the training config must be a JSON object, got {type(d).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    if strict:
+        missing = [k for k in REQUIRED_RECORD_FIELDS if k not in d]
+        if missing:
+            raise ValueError(f"the training config lacks {', '.join(missing)}")
+        hints = typing.get_type_hints(TrainConfig)
+        for k, v in d.items():
+            if k in fields and not _type_ok(v, hints[k]):
+                raise ValueError(f"the training config's {k!r} must be of type {hints[k]}, got {v!r:.60}")
+    config = TrainConfig(**{k: v for k, v in d.items() if k in fields})
+    return config.validate() if strict else config
 
 
 def merge_resumed(saved: TrainConfig, given: TrainConfig) -> Tuple[TrainConfig, List[str]]:

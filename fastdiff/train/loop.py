@@ -26,26 +26,42 @@ import numpy as np
 import torch
 
 from fastdiff.data import StepSampler, load_dataset
-from fastdiff.io import atomic_write_bytes
+from fastdiff.errors import InputError, UserError
+from fastdiff.image_utils import NonFiniteImagesError
+from fastdiff.io import RunLock, atomic_write_bytes, check_output_dir, remove_stale_temp_files
 from fastdiff.models.unet import UNet
 from fastdiff.train import distributed
-from fastdiff.train.checkpoint import (CHECKPOINT_JSON, load_tensors, read_checkpoint_record, save_checkpoint,
-                                       set_rng_state, state_tensors, unflatten_optimizer)
+from fastdiff.train.checkpoint import (CHECKPOINT_JSON, check_tensor_shapes, file_tensor_shapes, load_tensors,
+                                       read_checkpoint_record, save_checkpoint, set_rng_state, state_tensors,
+                                       unflatten_optimizer, weights_path)
 from fastdiff.train.config import (TrainConfig, TrainResult, build_continuous_loss, build_model, config_from_dict,
                                    ema_rate_at, lr_at, merge_resumed, step_seed)
 from fastdiff.train.ema import ema_update
 
+# An exploding loss is judged against the median of the last [1] accepted losses, once there
+# are at least [0] of them.
+DIVERGENCE_HISTORY = (5, 50)
+# A checkpoint is not written when the weights' norm grew more than this many times since the
+# last one (or the start): no sane run does that between two saves; a diverged one does.
+WEIGHT_GROWTH = 100.0
+
 
 def _read_log(path: Path, before_step: int) -> List[Tuple[int, float]]:
+    """(step, loss) of the log's steps before `before_step`; lines that are not such a record
+    (cut by a kill, edited) are skipped."""
     out = []
-    if path.exists():
-        for line in path.read_text().splitlines():
+    if path.is_file():
+        for line in path.read_text(errors="replace").splitlines():
             try:
                 rec = json.loads(line)
             except ValueError:
                 continue  # a line cut by a kill
-            if rec.get("step", before_step) < before_step:
-                out.append((int(rec["step"]), float(rec["loss"])))
+            if not isinstance(rec, dict):
+                continue
+            step, loss = rec.get("step"), rec.get("loss")
+            if (isinstance(step, int) and not isinstance(step, bool) and 0 <= step < before_step
+                    and isinstance(loss, (int, float)) and not isinstance(loss, bool) and math.isfinite(loss)):
+                out.append((step, float(loss)))
     return out
 
 
@@ -72,24 +88,56 @@ class _Run:
         config.validate()
         self.out = Path(config.out)
         self.rank, self.world, self.device = distributed.setup(config.device)
+        self.lock = self._lock()
+        try:
+            self._setup(config)
+        except BaseException:
+            self.release()
+            raise
+
+    def _lock(self) -> Optional[RunLock]:
+        """Rank 0 takes the run folder's lock (one writer per folder); every rank learns
+        whether it got it, so that all stop together when another process holds it."""
+        lock, error = None, None
+        if self.rank == 0:
+            try:
+                check_output_dir(self.out)
+                lock = RunLock(self.out).acquire()
+            except UserError as e:
+                error = e
+        if distributed.from_rank0(error is not None, self.world, self.device):
+            raise error if error is not None else UserError(f"{self.out}: rank 0 could not take the run folder")
+        return lock
+
+    def release(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
+    def _setup(self, config: TrainConfig) -> None:
         self.start_step, record = 0, None
         if config.resume:
             record = read_checkpoint_record(self.out, missing_ok=True)
             if record is None:
                 self.log(f"--resume: no checkpoint in {self.out}; starting from scratch")
             else:
-                config, kept = merge_resumed(config_from_dict(record["config"]), config)
+                config, kept = merge_resumed(config_from_dict(record["config"], strict=True), config)
                 if kept:
                     self.log(f"resuming with the checkpoint's settings for {', '.join(kept)}")
-                self.start_step = int(record["step"])
-        elif read_checkpoint_record(self.out, missing_ok=True) is not None:
-            self.log(f"note: {self.out} holds a checkpoint; starting from scratch over it (--resume continues it)")
+                self.start_step = record["step"]
+        elif (self.out / CHECKPOINT_JSON).exists():
+            if not config.overwrite:
+                raise UserError(f"--out {self.out} holds a training run ({CHECKPOINT_JSON}); --resume continues "
+                                f"it, --overwrite starts a new run over it (its checkpoints are replaced), or "
+                                f"choose another --out")
+            self.log(f"--overwrite: starting a new run over the one in {self.out}")
         self.config = config
         self.dataset = load_dataset(config.data, image_size=config.image_size, train=True, seed=0,
                                     n=config.dataset_size)
         self._build(record)
         self.sampler = StepSampler(len(self.dataset), config.batch_size, seed=config.seed, rank=self.rank,
                                    world=self.world)
+        self.saved_norm = self.weights_norm()  # of the weights the run starts from
         self.net = self.model
         if self.world > 1:
             self.net = torch.nn.parallel.DistributedDataParallel(
@@ -116,14 +164,21 @@ class _Run:
         self.nonfinite = 0
         if record is None:
             return
+        shapes, _ = file_tensor_shapes(weights_path(self.out, record))
+        for prefix in ("model.", "ema."):
+            check_tensor_shapes(self.model, shapes, self.out / record["weights"], prefix=prefix)
         tensors = load_tensors(self.out, record)
-        self.model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-        self.ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
-        self.opt.load_state_dict(unflatten_optimizer(tensors, record["optimizer"]))
-        self.diffusion.t_sampler.load_state_dict(
-            {k: torch.tensor(v) for k, v in record["t_sampler"]["state"].items()})
-        set_rng_state(record["rng"])
-        self.nonfinite = int(record.get("nonfinite_skipped", 0))
+        try:
+            self.model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+            self.ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
+            self.opt.load_state_dict(unflatten_optimizer(tensors, record["optimizer"]))
+            self.diffusion.t_sampler.load_state_dict(
+                {k: torch.tensor(v) for k, v in record["t_sampler"]["state"].items()})
+            set_rng_state(record["rng"])
+        except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as e:
+            raise InputError(f"{self.out / CHECKPOINT_JSON}: cannot restore the run from it "
+                             f"({type(e).__name__}: {str(e)[:200]})") from None
+        self.nonfinite = record.get("nonfinite_skipped", 0)
         self.log(f"resumed from {self.out / CHECKPOINT_JSON} at step {self.start_step}")
 
     def _open_log(self) -> None:
@@ -133,8 +188,8 @@ class _Run:
         if self.rank != 0:
             return
         self.out.mkdir(parents=True, exist_ok=True)
-        for stale in self.out.glob(".*.tmp"):  # temp files of a save that was killed
-            stale.unlink(missing_ok=True)
+        # temp files of a save of this run that was killed (we hold the lock: no other writer's)
+        remove_stale_temp_files(self.out, (CHECKPOINT_JSON, "log.jsonl", "ckpt-*.safetensors"))
         self.losses = _read_log(self.log_path, self.start_step)
         atomic_write_bytes(self.log_path, "".join(json.dumps({"step": s, "loss": l}) + "\n"
                                                   for s, l in self.losses).encode())
@@ -171,9 +226,27 @@ class _Run:
             kwargs["y"] = y.to(device)
         return x, t, weights, noise, kwargs
 
+    def explosion(self, loss: float) -> Optional[str]:
+        """What is wrong with a finite batch loss that is `divergence_factor` times the median
+        of the last accepted ones (a finite blow-up: lr too high), else None. Decided from the
+        logged history only, so a resumed run decides as an uninterrupted one."""
+        factor = self.config.divergence_factor
+        if not factor or len(self.losses) < DIVERGENCE_HISTORY[0]:
+            return None
+        ref = float(np.median([l for _, l in self.losses[-DIVERGENCE_HISTORY[1]:]]))
+        if ref > 0 and loss > factor * ref:
+            return (f"exploding loss {loss:.4g} ({loss / ref:.3g} times the median {ref:.4g} of the last "
+                    f"{min(len(self.losses), DIVERGENCE_HISTORY[1])} steps: the run is diverging)")
+        return None
+
+    def weights_norm(self) -> float:
+        with torch.no_grad():
+            return float(torch.linalg.vector_norm(torch.stack(
+                [torch.linalg.vector_norm(p.detach().float()) for p in self.model.parameters()])))
+
     def optimize(self, step: int) -> Optional[str]:
-        """One optimisation step. Returns None when it was applied, else what was not finite
-        ("loss" or "gradient"; the step is skipped on every rank)."""
+        """One optimisation step. Returns None when it was applied, else what went wrong
+        ("loss" or "gradient" not finite, or an exploding loss; the step is skipped on every rank)."""
         config = self.config
         for g in self.opt.param_groups:
             g["lr"] = lr_at(config, step)
@@ -190,6 +263,9 @@ class _Run:
             flag[0] /= self.world
         if flag[1].item() != 0:
             return "loss"
+        exploded = self.explosion(flag[0].item())
+        if exploded:
+            return exploded
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         grad_ok = True
@@ -213,27 +289,44 @@ class _Run:
         return None
 
     # ----------------------------------------------------------------------- periodic work
-    def checkpoint(self, step: int) -> None:
+    def flush_log(self) -> None:
+        if self.rank == 0 and self.pending_log:
+            with open(self.log_path, "a") as f:
+                f.writelines(json.dumps(r) + "\n" for r in self.pending_log)
+            self.pending_log.clear()
+
+    def checkpoint(self, step: int) -> bool:
+        """Commit a checkpoint of `step`; False (nothing saved) when the weights are not finite."""
         from fastdiff.image_utils import plot_curve
 
         config = self.config
+        # An update that blew the weights up can still give a finite loss (lr 1e30: weights of
+        # 1e30): such weights must never replace the last good record.
+        norm = self.weights_norm()
+        bad = not math.isfinite(norm) or (self.saved_norm > 0 and norm > WEIGHT_GROWTH * self.saved_norm)
+        if distributed.from_rank0(bad, self.world, self.device):
+            self.log(f"step {step}: not saving the weights: their norm {norm:.4g} is not finite or grew more "
+                     f"than {WEIGHT_GROWTH:g} times since the last checkpoint ({self.saved_norm:.4g})")
+            return False
         if self.rank == 0:
-            if self.pending_log:
-                with open(self.log_path, "a") as f:
-                    f.writelines(json.dumps(r) + "\n" for r in self.pending_log)
-                self.pending_log.clear()
+            self.flush_log()
             save_checkpoint(self.out, step, config, self.model, self.ema, self.opt, self.diffusion, self.sampler,
                             self.nonfinite)
             plot_curve([s for s, _ in self.losses], [l for _, l in self.losses], self.out / "loss.png",
                        title=f"training loss ({config.loss}, {config.preset}, {config.data})",
                        smooth=max(1, min(50, len(self.losses) // 20)), log_y=True)
+        self.saved_norm = norm
         distributed.barrier(self.world)
+        return True
 
     def samples(self, step: int) -> None:
         if self.rank == 0:
             config = self.config
-            write_samples(self.ema, self.out / "samples" / f"step-{step:08d}.png", config.sample_n,
-                          config.sample_steps, seed=config.seed, guidance_scale=config.resolved_guidance_scale)
+            try:
+                write_samples(self.ema, self.out / "samples" / f"step-{step:08d}.png", config.sample_n,
+                              config.sample_steps, seed=config.seed, guidance_scale=config.resolved_guidance_scale)
+            except NonFiniteImagesError as e:
+                self.log(f"step {step}: no sample grid written: {e}")
 
     def progress_bar(self):
         if not (self.config.progress and self.rank == 0):
@@ -254,6 +347,24 @@ def train(config: TrainConfig) -> TrainResult:
     """Train a UNet on config.data; see TrainConfig. Returns a TrainResult (status "done",
     "time" when max_minutes ran out, "nonfinite" when too many non-finite losses were skipped)."""
     run = _Run(config)
+    try:
+        return _train(run)
+    finally:
+        run.release()
+
+
+def _stop_message(run: _Run, step: int) -> str:
+    config = run.config
+    kept = read_checkpoint_record(run.out, missing_ok=True)
+    where = (f"the last good checkpoint (step {kept['step']}) is kept in {run.out / CHECKPOINT_JSON}; "
+             f"nothing after it was saved" if kept is not None else
+             f"no checkpoint was saved (the run went wrong before its first save, at step {config.save_every})")
+    return (f"stopping at step {step}: {run.nonfinite} steps had non-finite or exploding losses/gradients "
+            f"(more than max_nonfinite={config.max_nonfinite}); {where}. Check the data and lower the "
+            f"learning rate.")
+
+
+def _train(run: _Run) -> TrainResult:
     config = run.config  # a resumed run continues with its recorded settings
     status, message = "done", ""
     t_start = time.time()
@@ -261,13 +372,15 @@ def train(config: TrainConfig) -> TrainResult:
     step = run.start_step
     bar = run.progress_bar()
     run.model.train()
+    save_due = False
     try:
         while step < config.steps:
             timer.tick(step)
             failed = run.optimize(step)
             if failed:
                 run.nonfinite += 1
-                run.log(f"step {step}: non-finite {failed}, step skipped ({run.nonfinite} so far, stopping above "
+                what = failed if failed.startswith("exploding") else f"non-finite {failed}"
+                run.log(f"step {step}: {what}, step skipped ({run.nonfinite} so far, stopping above "
                         f"{config.max_nonfinite})")
             step += 1
             if bar is not None:
@@ -276,15 +389,17 @@ def train(config: TrainConfig) -> TrainResult:
                     bar.set_postfix(loss=f"{np.mean([l for _, l in run.losses[-config.log_every:]]):.4f}")
             if run.nonfinite > config.max_nonfinite:
                 status = "nonfinite"
-                message = (f"stopping at step {step}: {run.nonfinite} non-finite losses/gradients were skipped "
-                           f"(more than max_nonfinite={config.max_nonfinite}); the last good weights are "
-                           f"saved in {run.out / CHECKPOINT_JSON}. Check the data and lower the learning rate.")
                 break
             if run.out_of_time(t_start) and step < config.steps:
                 status, message = "time", f"stopped at step {step}: the {config.max_minutes} minute budget ran out"
                 break
-            if step % config.save_every == 0 and step < config.steps:
-                run.checkpoint(step)
+            # a checkpoint falling just after a skipped step waits for a step that went well
+            save_due = save_due or step % config.save_every == 0
+            if save_due and not failed and step < config.steps:
+                save_due = False
+                if not run.checkpoint(step):
+                    status = "nonfinite"
+                    break
             if config.sample_every and step % config.sample_every == 0 and step < config.steps:
                 run.samples(step)
     finally:
@@ -292,11 +407,18 @@ def train(config: TrainConfig) -> TrainResult:
             bar.close()
     elapsed = time.time() - t_start
     steps_per_s = timer.rate(step, elapsed)
-    run.checkpoint(step)
-    if status != "nonfinite" and config.sample_at_end:
-        run.samples(step)
-    if status == "nonfinite":
+    if status == "nonfinite" or not run.checkpoint(step):
+        # the weights since the last checkpoint are not trusted: that record stays the run's
+        status = "nonfinite"
+        run.flush_log()
+        message = _stop_message(run, step)
         run.log(message)
+    else:
+        if run.nonfinite:
+            message = (f"{run.nonfinite} steps were skipped for non-finite or exploding losses (see the log "
+                       f"above); if the loss stays high, lower the learning rate")
+        if config.sample_at_end:
+            run.samples(step)
     _dump_weights_for_tests(run)
     distributed.barrier(run.world)
     return TrainResult(step=step, status=status, message=message, out=str(run.out), losses=run.losses,
