@@ -80,7 +80,7 @@ def run_demo(out: str = "fastdiff-demo", minutes: float = 9.0, preset: Optional[
                          seed=seed, lr=lr, warmup_steps=100, ema_rate=0.999, class_cond=True, p_uncond=0.1,
                          image_size=image_size, prediction="v", schedule="cosine",
                          dataset_size=dataset_size, save_every=250, sample_at_end=False, model={},
-                         log_every=10, bf16=not fp32, channels_last=not fp32)
+                         log_every=10, bf16=not fp32, channels_last=not fp32, overwrite=True)
     num_classes = len(SHAPE_CLASSES)
     sample_estimate, params = _sampling_seconds(config, n, num_classes)
     # the rest of the margin: generating the data (~0.6 ms an image) and the final save
