@@ -176,8 +176,8 @@ def make_shapes(n: int, seed: int = 0, size: int = 32) -> Tuple[np.ndarray, np.n
     (seed, i) only. Each: one shape of a random colour, position, size (and rotation where it
     shows), anti-aliased, on a plain or gradient background of a contrasting darkness."""
     if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or not 10 <= size <= MAX_SHAPES_SIZE:
-        raise ValueError(f"size must be an integer in [10, {MAX_SHAPES_SIZE}] (the largest shape and its 1-pixel "
-                         f"margin must fit; drawing is super-sampled 4x), got {size!r}")
+        raise ValueError(f"size must be an integer >= 10 (the largest shape and its 1-pixel margin must fit) and "
+                         f"<= {MAX_SHAPES_SIZE} (drawing is super-sampled 4x), got {size!r}")
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
         raise ValueError(f"n must be an integer >= 0, got {n!r}")
     ss = 4  # super-sampling factor for anti-aliasing

@@ -459,7 +459,10 @@ class GaussianDiffusion:
             raise ValueError(f"timesteps must be distinct integers in [0, {self.T - 1}], got {timesteps[:8]}...")
         ac = self.alphas_cumprod[timesteps]
         ac_prev = torch.cat([torch.ones(1, dtype=torch.float64), ac[:-1]])
-        betas = 1.0 - ac / ac_prev
+        # When a stride spans a destroyed signal (abar ratio below 2**-53), 1 - ratio rounds to
+        # beta = 1, which NoiseSchedule refuses (alpha-bar would be 0 and sampling divide by it):
+        # keep it at the largest double below 1, the nearest representable value.
+        betas = (1.0 - ac / ac_prev).clamp(max=1.0 - 2.0 ** -53)
         mapped = self.timestep_map[timesteps]
         return GaussianDiffusion(NoiseSchedule(betas, name=f"{self.schedule.name}-respaced"),
                                  prediction=self.prediction, variance=self.variance, loss=self.loss,

@@ -13,9 +13,8 @@ from typing import Tuple
 import torch
 
 from fastdiff.errors import InputError
-from fastdiff.io import atomic_write_bytes
+from fastdiff.io import atomic_write_bytes, check_output_file
 from fastdiff.models.unet import UNet
-from fastdiff.io import check_output_file
 from fastdiff.train.checkpoint import (CHECKPOINT_JSON, check_model_config, check_tensor_shapes, load_checkpoint,
                                        meta_model, refuse_run_file)
 from fastdiff.train.config import build_diffusion, config_from_dict
@@ -90,6 +89,9 @@ def _check_metadata(path: Path, metadata: dict):
     key, never a KeyError or a silent default."""
     def bad(msg):
         return InputError(f"{path}: invalid fastdiff model metadata: {msg}")
+    if metadata.get("format") != MODEL_FORMAT:
+        raise InputError(f"{path}: not a fastdiff model file (format {metadata.get('format')!r}; "
+                         f"write one with `fastdiff export`)")
     missing = [k for k in _METADATA_KEYS if k not in metadata]
     if missing:
         raise bad(f"missing {', '.join(missing)}")
