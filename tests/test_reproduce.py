@@ -76,7 +76,7 @@ def test_help(capsys):
 @pytest.mark.parametrize("argv, needle", [
     (["--only", "7"], "--only"),
     (["--only", "1,x"], "'1,x'"),
-    (["--only", "0"], "from 1 to 5"),
+    (["--only", "0"], f"from 1 to {len(EXPERIMENTS)}"),
     (["--threads", "0"], "positive integer"),
     (["--seed", "one"], "--seed"),
 ])
