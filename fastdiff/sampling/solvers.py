@@ -119,12 +119,15 @@ class Denoiser:
 
 def unwrap_output(out):
     """A model output that is not a tensor but carries `.sample` (diffusers' UNet2DOutput)."""
-    if isinstance(out, torch.Tensor):
-        return out
-    sample = getattr(out, "sample", None)
-    if isinstance(sample, torch.Tensor):
-        return sample
-    raise TypeError(f"the model must return a tensor (or an object with a tensor `.sample`), got {type(out).__name__}")
+    if not isinstance(out, torch.Tensor):
+        sample = getattr(out, "sample", None)
+        if not isinstance(sample, torch.Tensor):
+            raise TypeError(f"the model must return a tensor (or an object with a tensor `.sample`), got "
+                            f"{type(out).__name__}")
+        out = sample
+    if not out.is_floating_point():  # an int/bool output would be cast to x's dtype without a word (#12)
+        raise TypeError(f"the model returned a {out.dtype} tensor; a diffusion model's output must be floating point")
+    return out
 
 
 def _noise(x: torch.Tensor, opts: SamplerOptions, step: int, sub: int = 0) -> torch.Tensor:
