@@ -359,6 +359,9 @@ def test_integer_or_bool_model_outputs_are_an_error(dtype):
         d.p_mean_variance(model, x, t)
     with pytest.raises(TypeError, match=f"model returned a {dtype}"):
         d.training_losses(model, x, t=t)
+    with pytest.raises(TypeError, match=f"model returned a {dtype}"):  # and fastdiff.sample's loop
+        fastdiff.sample(lambda x_t, tt, **kw: torch.zeros(x_t.shape, dtype=dtype), steps=2, diffusion=d,
+                        x_T=torch.randn(1, 3, 4, 4))
 
 
 # --------------------------------------------------------------------------- 10. outputs first
