@@ -77,7 +77,7 @@ class OptimizedModel(nn.Module):
                          "bf16 autocast EMULATED (no AMX/AVX-512 BF16 on this CPU: expect it slower than fp32)")
         self._fn = model
         if compile:
-            kwargs = dict(fullgraph=fullgraph, backend=backend)
+            kwargs = dict(fullgraph=fullgraph, backend=backend, dynamic=False)  # see fastdiff.compile
             if backend == "inductor":
                 kwargs["options"] = {"freezing": mode == "inference", "triton.cudagraphs": cuda_graphs}
             self._fn = torch.compile(model, **kwargs)

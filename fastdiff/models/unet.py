@@ -305,4 +305,9 @@ class UNet(nn.Module):
 def compile(model: nn.Module, **kwargs) -> nn.Module:  # noqa: A001 - fastdiff.compile, by design
     """torch.compile(model, **kwargs): the fused ops are opaque custom ops, so the U-Net
     compiles without graph breaks (fullgraph=True works)."""
+    # Static shapes unless asked: after a first compile at other sizes in the same process,
+    # dynamo's automatic dynamic shapes made inductor order the fused ops' layout-dependent
+    # output strides symbolically, which it cannot ("cannot determine truth value of
+    # Relational"); a new shape recompiles instead.
+    kwargs.setdefault("dynamic", False)
     return torch.compile(model, **kwargs)
