@@ -233,3 +233,26 @@ def check_output_dir(path, flag: str = "--out") -> Path:
         return path
     _check_parent(path, flag)
     return path
+
+
+def atomic_write_folder(out, files: Dict[str, bytes]) -> Path:
+    """Write a folder of files (relative path -> bytes) so that `out` appears whole or not at
+    all: everything goes to a temporary sibling folder first, which replaces `out` (absent or
+    empty) in one rename; on any error the temporary folder is removed."""
+    import shutil
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        for name, data in files.items():
+            target = tmp / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(data)
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Dict, Tuple
 
 import torch
 
 from fastdiff.errors import InputError, UserError
+from fastdiff.io import atomic_write_folder
 from fastdiff.interop.diffusers import (DIFFUSERS_VERSION, UNET_CONFIG, WEIGHTS_SAFETENSORS, _load_weights,
                                         _read_json)
 from fastdiff.models.autoencoder import AUTOENCODER_DEFAULTS, AutoencoderKL
@@ -83,15 +82,6 @@ def export_autoencoder(model: AutoencoderKL, out, dtype: torch.dtype = torch.flo
     config["scaling_factor"] = model.scaling_factor  # may have been set from data after construction
     tensors: Dict[str, torch.Tensor] = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous()
                                         for k, v in model.state_dict().items()}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        (tmp / UNET_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
-        (tmp / WEIGHTS_SAFETENSORS).write_bytes(st_save(tensors, metadata={"format": "pt"}))
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    return atomic_write_folder(out, {
+        UNET_CONFIG: (json.dumps(config, indent=2) + "\n").encode(),
+        WEIGHTS_SAFETENSORS: st_save(tensors, metadata={"format": "pt"})})

@@ -37,8 +37,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple, Union
 
@@ -47,6 +45,7 @@ import torch
 
 from fastdiff.diffusion import GaussianDiffusion
 from fastdiff.errors import InputError, UserError
+from fastdiff.io import atomic_write_folder
 from fastdiff.models.unet import UNet
 from fastdiff.schedule import NoiseSchedule
 
@@ -554,19 +553,10 @@ def export_diffusers(model: UNet, out, dtype: torch.dtype = torch.float32) -> Pa
     pipeline = "DDIMPipeline" if scheduler_name == "DDIMScheduler" else "DDPMPipeline"
     index = {"_class_name": pipeline, "_diffusers_version": DIFFUSERS_VERSION,
              "scheduler": ["diffusers", scheduler_name], "unet": ["diffusers", "UNet2DModel"]}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        (tmp / "unet").mkdir()
-        (tmp / "scheduler").mkdir()
-        (tmp / PIPELINE_INDEX).write_text(json.dumps(index, indent=2) + "\n")
-        (tmp / "unet" / UNET_CONFIG).write_text(json.dumps(unet_config, indent=2) + "\n")
-        (tmp / "unet" / WEIGHTS_SAFETENSORS).write_bytes(st_save(tensors, metadata={"format": "pt"}))
-        (tmp / "scheduler" / SCHEDULER_CONFIG).write_text(json.dumps(scheduler_config, indent=2) + "\n")
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    def as_json(obj) -> bytes:
+        return (json.dumps(obj, indent=2) + "\n").encode()
+
+    return atomic_write_folder(out, {
+        PIPELINE_INDEX: as_json(index), f"unet/{UNET_CONFIG}": as_json(unet_config),
+        f"unet/{WEIGHTS_SAFETENSORS}": st_save(tensors, metadata={"format": "pt"}),
+        f"scheduler/{SCHEDULER_CONFIG}": as_json(scheduler_config)})

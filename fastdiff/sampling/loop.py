@@ -305,15 +305,7 @@ def sample(model: Callable, shape: Optional[Sequence[int]] = None, steps: int = 
     d, sde = _resolve_process(model, diffusion)
     if clip_denoised is None:
         clip_denoised = bool(getattr(model, "default_clip_denoised", True))
-    if d is not None:
-        ts = _table_timesteps(model, d, sampler, steps, spacing, timesteps)
-    else:
-        if sampler in ("ddim", "ddpm"):
-            raise ValueError(f"sampler={sampler!r} needs a discrete-time GaussianDiffusion, got {sde!r}")
-        ts = _sde_times(sde, sampler, steps, spacing, timesteps)
-    min_steps = SOLVERS[sampler].order if sampler in SOLVERS else 1
-    if len(ts) < min_steps:
-        raise ValueError(f"sampler={sampler!r} needs steps >= {min_steps} (its multistep order), got {len(ts)}")
+    ts = _visited_timesteps(model, d, sde, sampler, steps, spacing, timesteps)
     x = _initial_x(model, shape, x_T, n, seed, sample_offset, dtype, device)
     if d is None and x_T is None:
         x = sde.prior_sample(x)
@@ -329,6 +321,33 @@ def sample(model: Callable, shape: Optional[Sequence[int]] = None, steps: int = 
                              cuda_graph, compile, classifier, classifier_scale, labels)
     if cuda_graph or compile is not None:
         raise ValueError(f"cuda_graph/compile serve sampler='ddim'/'ddpm' only, got sampler={sampler!r}")
+    den = Denoiser(model_fn, sde, d.prediction if d is not None else getattr(model, "prediction", "eps"),
+                   model_kwargs, clip_denoised, d.split_output if d is not None else None,
+                   classifier, labels, classifier_scale)
+    x = SOLVERS[sampler].fn(den, x, _solver_grid(d, sde, sampler, ts), opts)
+    if stats is not None:
+        stats.update(nfe=den.nfe, timesteps=list(ts))
+    return x
+
+
+def _visited_timesteps(model, d, sde, sampler: str, steps, spacing, timesteps) -> list:
+    """The timesteps the sampler visits (original table timesteps, or SDE times), checked
+    against the sampler's multistep order."""
+    if d is not None:
+        ts = _table_timesteps(model, d, sampler, steps, spacing, timesteps)
+    else:
+        if sampler in ("ddim", "ddpm"):
+            raise ValueError(f"sampler={sampler!r} needs a discrete-time GaussianDiffusion, got {sde!r}")
+        ts = _sde_times(sde, sampler, steps, spacing, timesteps)
+    min_steps = SOLVERS[sampler].order if sampler in SOLVERS else 1
+    if len(ts) < min_steps:
+        raise ValueError(f"sampler={sampler!r} needs steps >= {min_steps} (its multistep order), got {len(ts)}")
+    return ts
+
+
+def _solver_grid(d, sde, sampler: str, ts):
+    """The continuous-time solvers' grid: SDE times from high to low noise, ending at the
+    diffusion's final alpha-bar (the adaptive "ode" solver needs only the two ends)."""
     if d is not None:
         index = {t: i for i, t in enumerate(d.timestep_map.tolist())}
         times = [sde.time_of_index(index[t]) for t in sorted(ts, reverse=True)]
@@ -337,13 +356,7 @@ def sample(model: Callable, shape: Optional[Sequence[int]] = None, steps: int = 
         times, final = ts, 1.0
     if sampler == "ode":
         times = [times[0], times[-1]]
-    den = Denoiser(model_fn, sde, d.prediction if d is not None else getattr(model, "prediction", "eps"),
-                   model_kwargs, clip_denoised, d.split_output if d is not None else None,
-                   classifier, labels, classifier_scale)
-    x = SOLVERS[sampler].fn(den, x, make_grid(sde, times, final), opts)
-    if stats is not None:
-        stats.update(nfe=den.nfe, timesteps=list(ts))
-    return x
+    return make_grid(sde, times, final)
 
 
 def _sample_fused(model_fn, x, d, sampler, opts, clip_denoised, model_kwargs, progress, cuda_graph, compile,
