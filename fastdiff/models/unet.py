@@ -130,6 +130,26 @@ class _Level(nn.Module):
         return self.attn(x) if self.attn is not None else x
 
 
+def _level_widths(image_size: int, model_channels: int, channel_mult: Sequence[int],
+                  channels: Optional[Tuple[int, ...]], num_groups: int, downsample_padding: int):
+    """(model_channels, channel_mult, widths of the levels), checked: explicit `channels` (the
+    diffusers form) or model_channels x channel_mult (fastdiff's)."""
+    if channels is not None:
+        if not channels or min(channels) < 1:
+            raise ValueError(f"channels must be a non-empty sequence of positive widths, got {channels}")
+        model_channels, channel_mult = channels[0], (1,) * len(channels)
+    widths = channels if channels is not None else tuple(model_channels * m for m in channel_mult)
+    if image_size % (2 ** (len(widths) - 1)):
+        raise ValueError(f"image_size={image_size} must be divisible by 2**(number of levels - 1)="
+                         f"{2 ** (len(widths) - 1)}")
+    for width in widths:
+        if width % num_groups:
+            raise ValueError(f"num_groups={num_groups} must divide every level's width (got {width})")
+    if downsample_padding not in (0, 1):
+        raise ValueError(f"downsample_padding must be 0 or 1, got {downsample_padding!r}")
+    return model_channels, channel_mult, widths
+
+
 class UNet(nn.Module):
     """The DDPM U-Net: model(x_t, t, y=None) -> eps / x0 / v prediction (and the variance
     channels for a learned variance: 2C outputs, mean first).
@@ -187,18 +207,8 @@ class UNet(nn.Module):
             out_channels = 2 * in_channels if learn_sigma else in_channels
         if channels is not None:
             channels = tuple(int(c) for c in channels)
-            if not channels or min(channels) < 1:
-                raise ValueError(f"channels must be a non-empty sequence of positive widths, got {channels}")
-            model_channels, channel_mult = channels[0], (1,) * len(channels)
-        widths = channels if channels is not None else tuple(model_channels * m for m in channel_mult)
-        if image_size % (2 ** (len(widths) - 1)):
-            raise ValueError(f"image_size={image_size} must be divisible by 2**(number of levels - 1)="
-                             f"{2 ** (len(widths) - 1)}")
-        for width in widths:
-            if width % num_groups:
-                raise ValueError(f"num_groups={num_groups} must divide every level's width (got {width})")
-        if downsample_padding not in (0, 1):
-            raise ValueError(f"downsample_padding must be 0 or 1, got {downsample_padding!r}")
+        model_channels, channel_mult, widths = _level_widths(image_size, model_channels, channel_mult, channels,
+                                                             num_groups, downsample_padding)
         self.config = dict(image_size=image_size, in_channels=in_channels, model_channels=model_channels,
                            channel_mult=tuple(channel_mult), num_res_blocks=num_res_blocks,
                            attention_resolutions=tuple(attention_resolutions), dropout=dropout,
@@ -236,32 +246,45 @@ class UNet(nn.Module):
                             if num_classes is not None else None)
         self.conv_in = nn.Conv2d(in_channels, model_channels, 3, padding=1)
 
-        # Encoder: remember the width of every output that the decoder will concatenate.
+        def attention_at(size: int, width: int) -> Optional[nn.Module]:
+            return attention(width) if size in attention_resolutions else None
+
+        skip_chs, ch, size = self._build_encoder(widths, image_size, num_res_blocks, res, attention_at,
+                                                 downsample_padding)
+        self.mid = _Level(res(ch, ch), attention(ch, mid_attention_norm) if mid_attention else None)
+        self.mid2 = res(ch, ch)
+        ch = self._build_decoder(widths, size, ch, skip_chs, num_res_blocks, res, attention_at)
+        self.norm_out = GroupNormSiLU(num_groups, ch, eps=norm_eps)
+        self.conv_out = _zero_init(nn.Conv2d(ch, out_channels, 3, padding=1))
+
+    def _build_encoder(self, widths, image_size, num_res_blocks, res, attention_at, downsample_padding):
+        """self.down; returns the width of every output the decoder will concatenate, and the
+        bottom's width and size."""
         self.down = nn.ModuleList()
-        skip_chs = [model_channels]
-        ch, size = model_channels, image_size
+        skip_chs = [self.model_channels]
+        ch, size = self.model_channels, image_size
         for level, out in enumerate(widths):
             for _ in range(num_res_blocks):
-                self.down.append(_Level(res(ch, out), attention(out) if size in attention_resolutions else None))
+                self.down.append(_Level(res(ch, out), attention_at(size, out)))
                 ch = out
                 skip_chs.append(ch)
             if level != len(widths) - 1:
                 self.down.append(Downsample(ch, downsample_padding))
                 skip_chs.append(ch)
                 size //= 2
-        self.mid = _Level(res(ch, ch), attention(ch, mid_attention_norm) if mid_attention else None)
-        self.mid2 = res(ch, ch)
+        return skip_chs, ch, size
+
+    def _build_decoder(self, widths, size, ch, skip_chs, num_res_blocks, res, attention_at) -> int:
+        """self.up (one more block per level than the encoder, as Ho et al.); returns the top width."""
         self.up = nn.ModuleList()
         for level, out in reversed(list(enumerate(widths))):
-            for i in range(num_res_blocks + 1):
-                self.up.append(_Level(res(ch + skip_chs.pop(), out),
-                                      attention(out) if size in attention_resolutions else None))
+            for _ in range(num_res_blocks + 1):
+                self.up.append(_Level(res(ch + skip_chs.pop(), out), attention_at(size, out)))
                 ch = out
             if level != 0:
                 self.up.append(Upsample(ch))
                 size *= 2
-        self.norm_out = GroupNormSiLU(num_groups, ch, eps=norm_eps)
-        self.conv_out = _zero_init(nn.Conv2d(ch, out_channels, 3, padding=1))
+        return ch
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "UNet":
