@@ -62,6 +62,29 @@ def matmul_gflops(device: str = "cpu", dtype: torch.dtype = torch.float32) -> fl
     return 2 * n ** 3 / _median_time(mm, 5) / 1e9
 
 
+@functools.lru_cache(maxsize=None)
+def conv_gflops(dtype: torch.dtype = torch.float32) -> float:
+    """A large channels_last 3x3 convolution (256 -> 256 channels, 32x32, batch 8) in `dtype`,
+    under no_grad: oneDNN's best case on the CPU, at times above its GEMM (AMX bf16)."""
+    x = torch.randn(8, 256, 32, 32).to(dtype).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(256, 256, 3, 3).to(dtype).contiguous(memory_format=torch.channels_last)
+
+    def conv():
+        with torch.no_grad():
+            torch.nn.functional.conv2d(x, w, padding=1)
+
+    return 2 * 8 * 256 * 256 * 9 * 32 * 32 / _median_time(conv, 5) / 1e9
+
+
+def peak_gflops(dtype: torch.dtype = torch.float32) -> float:
+    """The machine's measured FLOP/s limit in `dtype`: the better of a large GEMM (2048^2,
+    past the size where BLAS peaks) and a large convolution, measured in this session."""
+    n = 512 if SMOKE else 2048
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    gemm = 2 * n ** 3 / _median_time(lambda: torch.mm(a, b), 5) / 1e9
+    return max(gemm, conv_gflops(dtype))
+
+
 def describe() -> str:
     import platform
 

@@ -1,4 +1,5 @@
-"""attention: the flash-style CPU kernel against torch's scaled_dot_product_attention,
+"""attention: fastdiff.ops.attention (auto: ATen's CPU flash kernel behind fastdiff's op) and
+fastdiff's own flash-style C++ kernel (`native`) against torch's scaled_dot_product_attention,
 eager and compiled.
 
     pytest bench/bench_attention.py --benchmark-only
@@ -15,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import _machine
-from fastdiff.ops import attention
+from fastdiff.ops import attention, use_backend
 
 SHAPES = [(8, 1, 256, 256), (8, 4, 256, 64), (8, 32, 256, 8)]  # (B, H, L, D)
 if _machine.SMOKE:
@@ -30,7 +31,15 @@ def sdpa(q, k, v):
 
 
 _compiled = torch.compile(sdpa)
-_IMPLS = {"fastdiff": attention, "sdpa": sdpa, "compile": _compiled}
+
+
+def native(q, k, v):
+    with use_backend("native"):
+        return attention(q, k, v)
+
+
+_IMPLS = {"fastdiff": attention, "fastdiff-native": native, "sdpa": sdpa, "compile": _compiled}
+_OURS = ("fastdiff", "fastdiff-native")
 
 
 def _inputs(shape, dtype, requires_grad):
@@ -44,7 +53,7 @@ def _flops(shape):
 
 
 @pytest.mark.parametrize("shape,dtype", PARAMS, ids=IDS)
-@pytest.mark.parametrize("impl", ["fastdiff", "sdpa", "compile"])
+@pytest.mark.parametrize("impl", list(_IMPLS))
 def test_forward(benchmark, report, shape, dtype, impl):
     q, k, v = _inputs(shape, dtype, False)
     fn = _IMPLS[impl]
@@ -52,11 +61,11 @@ def test_forward(benchmark, report, shape, dtype, impl):
         fn(q, k, v)  # warm-up (and compilation)
         benchmark.group = f"attention fwd {shape} {str(dtype)[6:]}"
         benchmark.pedantic(fn, args=(q, k, v), rounds=20, warmup_rounds=2)
-    report.add(benchmark, benchmark.group, impl, flops=_flops(shape), baseline=impl != "fastdiff")
+    report.add(benchmark, benchmark.group, impl, flops=_flops(shape), baseline=impl not in _OURS)
 
 
 @pytest.mark.parametrize("shape,dtype", PARAMS, ids=IDS)
-@pytest.mark.parametrize("impl", ["fastdiff", "sdpa", "compile"])
+@pytest.mark.parametrize("impl", list(_IMPLS))
 def test_forward_backward(benchmark, report, shape, dtype, impl):
     q, k, v = _inputs(shape, dtype, True)
     grad_out = torch.randn(shape).to(dtype)
@@ -69,4 +78,4 @@ def test_forward_backward(benchmark, report, shape, dtype, impl):
     step()  # warm-up (and compilation)
     benchmark.group = f"attention fwd+bwd {shape} {str(dtype)[6:]}"
     benchmark.pedantic(step, rounds=10, warmup_rounds=2)
-    report.add(benchmark, benchmark.group, impl, flops=3.5 * _flops(shape), baseline=impl != "fastdiff")
+    report.add(benchmark, benchmark.group, impl, flops=3.5 * _flops(shape), baseline=impl not in _OURS)

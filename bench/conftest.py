@@ -32,13 +32,14 @@ def pytest_collection_modifyitems(items):
 
 class Report:
     def add(self, benchmark, group: str, name: str, bytes_moved: float = None, flops: float = None,
-            baseline: bool = False):
-        """Record benchmark's median under (group, name) once it has run."""
+            baseline: bool = False, peak: tuple = None):
+        """Record benchmark's median under (group, name) once it has run. peak = (label, GFLOP/s):
+        the FLOP/s limit to compare with (default: the fp32 matmul)."""
         stats = getattr(benchmark, "stats", None)
         if stats is None:  # --benchmark-disable: the function ran once, untimed
             return
         median = stats.stats.median
-        _rows.setdefault(group, collections.OrderedDict())[name] = (median, bytes_moved, flops, baseline)
+        _rows.setdefault(group, collections.OrderedDict())[name] = (median, bytes_moved, flops, baseline, peak)
         if bytes_moved:
             benchmark.extra_info["GB/s"] = round(bytes_moved / median / 1e9, 2)
         if flops:
@@ -61,7 +62,7 @@ def pytest_terminal_summary(terminalreporter):
     for group, rows in _rows.items():
         baselines = {n: r[0] for n, r in rows.items() if r[3]}
         tr.write_line(f"\n[{group}]")
-        for name, (median, bytes_moved, flops, _) in rows.items():
+        for name, (median, bytes_moved, flops, _, peak) in rows.items():
             parts = [f"  {name:<28} {median * 1e6:>11.1f} us"]
             for bname, bmedian in baselines.items():
                 if bname != name:
@@ -71,5 +72,6 @@ def pytest_terminal_summary(terminalreporter):
                 parts.append(f"{gbs:7.1f} GB/s = {100 * gbs / bw:5.1f}% of copy bandwidth")
             if flops:
                 gf = flops / median / 1e9
-                parts.append(f"{gf:7.1f} GFLOP/s = {100 * gf / mm:5.1f}% of matmul")
+                label, limit = peak or ("fp32 matmul", mm)
+                parts.append(f"{gf:7.1f} GFLOP/s = {100 * gf / limit:5.1f}% of {label}")
             tr.write_line("  ".join(parts))

@@ -17,6 +17,7 @@ What it applies, and why (figures in BENCHMARKS.md, bench/bench_e2e.py):
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Optional, Set
 
@@ -76,10 +77,16 @@ class OptimizedModel(nn.Module):
             steps.append(f"bf16 autocast ({hw})" if hw else
                          "bf16 autocast EMULATED (no AMX/AVX-512 BF16 on this CPU: expect it slower than fp32)")
         self._fn = model
+        self._inductor_config = None
         if compile:
             kwargs = dict(fullgraph=fullgraph, backend=backend, dynamic=False)  # see fastdiff.compile
             if backend == "inductor":
-                kwargs["options"] = {"freezing": mode == "inference", "triton.cudagraphs": cuda_graphs}
+                kwargs["options"] = {"triton.cudagraphs": cuda_graphs}
+                # freezing is read from inductor's global config when the graph is compiled (at the
+                # first call, and any recompile): passed in `options` it was silently ignored
+                # (torch 2.13; the weights stayed graph inputs, cast to bf16 on every call), so
+                # forward() patches the config around each call (tests/test_optimize.py checks it)
+                self._inductor_config = {"freezing": mode == "inference"}
             self._fn = torch.compile(model, **kwargs)
             what = ("freezing" if mode == "inference" else "forward+backward") if backend == "inductor" else ""
             parts = [backend, what, "fullgraph" * fullgraph, "CUDA graphs" * cuda_graphs]
@@ -98,12 +105,21 @@ class OptimizedModel(nn.Module):
             x = x.contiguous(memory_format=torch.channels_last)
         start = time.perf_counter() if self.first_call_seconds is None else None
         with torch.no_grad() if self.mode == "inference" else torch.enable_grad(), \
-                torch.autocast(self.device_type, dtype=torch.bfloat16, enabled=self.autocast):
+                torch.autocast(self.device_type, dtype=torch.bfloat16, enabled=self.autocast), \
+                _inductor_config(self._inductor_config):
             out = self._fn(x, t, **kwargs)
         if start is not None:
             self.first_call_seconds = time.perf_counter() - start  # compilation, mostly
         out = getattr(out, "sample", out)  # a diffusers UNet's output
         return out.float().contiguous()
+
+
+def _inductor_config(patch):
+    if not patch:
+        return contextlib.nullcontext()
+    import torch._inductor.config
+
+    return torch._inductor.config.patch(patch)
 
 
 def optimize(model: nn.Module, precision: str = "fp32", mode: str = "inference", *, compile: bool = True,

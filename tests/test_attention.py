@@ -37,9 +37,13 @@ def _qkv(b, h, lq, lk, d, dtype=torch.float32, seed=0):
     return q, k, v
 
 
-def _native_out_and_grads(q, k, v, grad_out, scale=None):
+#: the CPU kernels: fastdiff's own (native) and ATen's flash kernel (aten, the CPU default)
+CPU_KERNELS = [pytest.param("native", marks=native), "aten"]
+
+
+def _kernel_out_and_grads(q, k, v, grad_out, scale=None, backend="native"):
     leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
-    with use_backend("native"):
+    with use_backend(backend):
         out = attention(*leaves, scale=scale)
         grads = torch.autograd.grad(out, leaves, grad_out)
     return out.detach(), grads
@@ -76,43 +80,43 @@ def test_backward_reference_matches_autograd():
 
 
 # --------------------------------------------------------------------------- native fp32
-@native
+@pytest.mark.parametrize("backend", CPU_KERNELS)
 @pytest.mark.parametrize("shape", EDGE_CASES, ids=EDGE_IDS)
-def test_native_forward_backward_fp32(shape):
+def test_cpu_forward_backward_fp32(shape, backend):
     b, h, lq, lk, d = shape
     q, k, v = _qkv(b, h, lq, lk, d)
     grad_out = torch.randn(b, h, lq, d, generator=torch.Generator().manual_seed(1))
-    out, grads = _native_out_and_grads(q, k, v, grad_out)
+    out, grads = _kernel_out_and_grads(q, k, v, grad_out, backend=backend)
     out_ref, grads_ref = _reference_out_and_grads(q, k, v, grad_out)
     torch.testing.assert_close(out.double(), out_ref, rtol=1e-5, atol=1e-5)
     for name, g, g_ref in zip("qkv", grads, grads_ref):
         torch.testing.assert_close(g.double(), g_ref, rtol=1e-4, atol=2e-5, msg=lambda m: f"grad {name}: {m}")
 
 
-@native
-def test_native_lse_is_the_log_sum_exp():
+@pytest.mark.parametrize("backend", CPU_KERNELS)
+def test_cpu_lse_is_the_log_sum_exp(backend):
     q, k, v = _qkv(2, 2, 70, 130, 32)
-    with use_backend("native"):
+    with use_backend(backend):
         _, lse = _attention_fwd(q, k, v, 0.25)
     expected = torch.logsumexp(q.double() @ k.double().transpose(-1, -2) * 0.25, dim=-1)
     torch.testing.assert_close(lse.double(), expected, rtol=1e-6, atol=1e-5)
 
 
-@native
+@pytest.mark.parametrize("backend", CPU_KERNELS)
 @pytest.mark.parametrize("scale", [0.01, 1.0, 3.0])
-def test_native_explicit_scale(scale):
+def test_cpu_explicit_scale(scale, backend):
     q, k, v = _qkv(1, 2, 40, 90, 24)
     grad_out = torch.randn(1, 2, 40, 24)
-    out, grads = _native_out_and_grads(q, k, v, grad_out, scale)
+    out, grads = _kernel_out_and_grads(q, k, v, grad_out, scale, backend=backend)
     out_ref, grads_ref = _reference_out_and_grads(q, k, v, grad_out, scale)
     torch.testing.assert_close(out.double(), out_ref, rtol=1e-5, atol=1e-5)
     for g, g_ref in zip(grads, grads_ref):
         torch.testing.assert_close(g.double(), g_ref, rtol=1e-4, atol=1e-4 * max(1.0, scale))
 
 
-@native
+@pytest.mark.parametrize("backend", CPU_KERNELS)
 @pytest.mark.parametrize("layout", ["blhd", "head_dim_strided", "expanded_kv"])
-def test_non_contiguous_inputs(layout):
+def test_non_contiguous_inputs(layout, backend):
     b, h, l, d = 2, 3, 40, 16
     gen = torch.Generator().manual_seed(3)
     if layout == "blhd":  # (B, L, H, D) storage, as a token-major projection gives
@@ -123,7 +127,7 @@ def test_non_contiguous_inputs(layout):
         q = torch.randn(b, h, l, d, generator=gen)
         k, v = (torch.randn(b, 1, l, d, generator=gen).expand(b, h, l, d) for _ in range(2))
     grad_out = torch.randn(b, h, l, d, generator=gen).transpose(2, 3).contiguous().transpose(2, 3)
-    out, grads = _native_out_and_grads(q, k, v, grad_out)
+    out, grads = _kernel_out_and_grads(q, k, v, grad_out, backend=backend)
     out_ref, grads_ref = _reference_out_and_grads(q, k, v, grad_out)
     torch.testing.assert_close(out.double(), out_ref, rtol=1e-5, atol=1e-5)
     for g, g_ref in zip(grads, grads_ref):
@@ -157,7 +161,7 @@ def test_never_reads_past_the_tensors():
 def test_native_matches_reference_hypothesis(b, h, lq, lk, d):
     q, k, v = _qkv(b, h, lq, lk, d, seed=lq * 131 + lk)
     grad_out = torch.randn(b, h, lq, d, generator=torch.Generator().manual_seed(d))
-    out, grads = _native_out_and_grads(q, k, v, grad_out)
+    out, grads = _kernel_out_and_grads(q, k, v, grad_out)
     out_ref, grads_ref = _reference_out_and_grads(q, k, v, grad_out)
     torch.testing.assert_close(out.double(), out_ref, rtol=1e-5, atol=1e-5)
     for g, g_ref in zip(grads, grads_ref):
@@ -171,9 +175,9 @@ def test_thread_count_does_not_change_the_result():
     old = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        out1, g1 = _native_out_and_grads(q, k, v, grad_out)
+        out1, g1 = _kernel_out_and_grads(q, k, v, grad_out)
         torch.set_num_threads(2)
-        out2, g2 = _native_out_and_grads(q, k, v, grad_out)
+        out2, g2 = _kernel_out_and_grads(q, k, v, grad_out)
     finally:
         torch.set_num_threads(old)
     torch.testing.assert_close(out1, out2, rtol=1e-6, atol=1e-6)
@@ -182,15 +186,15 @@ def test_thread_count_does_not_change_the_result():
 
 
 # --------------------------------------------------------------------------- bf16
-@native
+@pytest.mark.parametrize("backend", CPU_KERNELS)
 @pytest.mark.parametrize("shape", [(2, 2, 100, 100, 64), (1, 4, 64, 130, 8), (1, 1, 50, 70, 256)],
                          ids=["d64", "d8", "d256"])
-def test_bf16_as_accurate_as_torch(shape):
+def test_bf16_as_accurate_as_torch(shape, backend):
     """flash-attention's rule: max|kernel_bf16 - ref_fp32| <= 2 max|torch_bf16 - ref_fp32| + tiny."""
     b, h, lq, lk, d = shape
     q, k, v = _qkv(b, h, lq, lk, d, dtype=torch.bfloat16)
     grad_out = torch.randn(b, h, lq, d).to(torch.bfloat16)
-    out, grads = _native_out_and_grads(q, k, v, grad_out)
+    out, grads = _kernel_out_and_grads(q, k, v, grad_out, backend=backend)
     assert out.dtype == torch.bfloat16 and all(g.dtype == torch.bfloat16 for g in grads)
     out_ref, grads_ref = _reference_out_and_grads(q, k, v, grad_out)  # float64 from the bf16 inputs
 
@@ -207,7 +211,7 @@ def test_bf16_as_accurate_as_torch(shape):
 
 
 # --------------------------------------------------------------------------- registration
-@pytest.mark.parametrize("backend", ["reference", pytest.param("native", marks=native)])
+@pytest.mark.parametrize("backend", ["reference", *CPU_KERNELS])
 def test_opcheck(backend):
     q, k, v = (t.requires_grad_(True) for t in _qkv(1, 2, 9, 13, 8))
     with use_backend(backend):

@@ -56,7 +56,9 @@ def test_auto_order_on_cpu():
     if _backend.native_lib is not None:
         assert ops.backend_for("sampler_step", x) == "native"
         assert ops.backend_for("group_norm_silu", x) == "native"
-        assert ops.backend_for("attention", torch.zeros(1, 1, 4, 8)) == "native"
+    # attention: ATen's CPU flash kernel (measured faster than the native one), for fp32/bf16/fp16
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        assert ops.backend_for("attention", torch.zeros(1, 1, 4, 8, dtype=dtype)) == "aten"
     # what the native core does not store runs the reference
     assert ops.backend_for("group_norm_silu", x.double()) == "reference"
     assert ops.backend_for("group_norm_silu", x.half()) == "reference"
@@ -84,14 +86,15 @@ def test_auto_order_on_cuda_by_construction(cuda, triton, op, dtype, expected):
 
 def test_order_is_the_documented_one():
     doc = _backend.__doc__
-    for line in ("CPU tensors:   native, reference",
+    for line in ("CPU tensors:   native, reference            sampler_step, randn, group_norm_silu",
+                 "aten, native, reference      attention",
                  "CUDA tensors:  cuda, triton, reference      sampler_step, randn, group_norm_silu",
                  "triton, reference            attention"):
         assert line in doc
     tables = _backend.tables()
     for op in ("sampler_step", "randn", "group_norm_silu"):
         assert tables[op].auto == {"cpu": ("native",), "cuda": ("cuda", "triton")}
-    assert tables["attention"].auto == {"cpu": ("native",), "cuda": ("triton",)}
+    assert tables["attention"].auto == {"cpu": ("aten", "native"), "cuda": ("triton",)}
     for table in tables.values():
         assert "reference" in table.kernels and table.kernels["reference"].devices is None
 
@@ -104,6 +107,11 @@ def test_forced_backend_that_cannot_serve_raises():
         ops.sampler_step(x, x, COEFS, seed=0, step=0)
     with ops.use_backend("cuda"), pytest.raises(ops.BackendError, match="attention has no 'cuda' kernel"):
         ops.attention(torch.zeros(1, 1, 4, 8), torch.zeros(1, 1, 4, 8), torch.zeros(1, 1, 4, 8))
+    with ops.use_backend("aten"), pytest.raises(ops.BackendError, match="group_norm_silu has no 'aten' kernel"):
+        ops.group_norm_silu(x, 2)
+    with ops.use_backend("aten"), pytest.raises(ops.BackendError, match="supports dtypes float32, bfloat16, "
+                                                "float16, got float64"):
+        ops.attention(*(torch.zeros(1, 1, 4, 8, dtype=torch.float64),) * 3)
     if _backend.native_lib is not None:
         with ops.use_backend("native"), pytest.raises(ops.BackendError, match="float64"):
             ops.group_norm_silu(x.double(), 2)
@@ -119,7 +127,7 @@ def test_forced_backend_that_cannot_serve_raises():
 
 
 def test_backend_names_and_environment(monkeypatch):
-    assert ops.BACKENDS == ("auto", "reference", "native", "triton", "cuda")
+    assert ops.BACKENDS == ("auto", "reference", "native", "triton", "cuda", "aten")
     monkeypatch.setenv("FASTDIFF_BACKEND", "cuda")
     assert ops.current_backend() == "cuda"
     with pytest.raises(ops.BackendError, match="backend 'cuda'"):

@@ -40,6 +40,32 @@ def test_inference_traces_as_one_graph_and_matches_eager():
     assert not out.requires_grad
 
 
+class _OneConv(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x, t):
+        return self.conv(x) + t.view(-1, 1, 1, 1)
+
+
+def test_inference_mode_really_freezes_the_weights():
+    """Inductor freezing makes the weights compile-time constants (oneDNN prepacks them, bf16
+    casts are folded), so an in-place change after the first call does not reach the compiled
+    graph. Passed only as torch.compile(options={"freezing": True}), torch 2.13 ignored it."""
+    torch.set_num_threads(1)
+    torch._dynamo.reset()
+    model = _OneConv()
+    fast = fastdiff.optimize(model, precision="fp32")  # inductor: one conv compiles in seconds
+    x, t = torch.randn(2, 4, 6, 6), torch.tensor([1.0, 2.0])
+    before = fast(x, t)
+    with torch.no_grad():
+        model.conv.weight.mul_(2.0)
+    torch.testing.assert_close(fast(x, t), before)  # frozen: the old weights
+    with torch.no_grad():
+        assert not torch.allclose(model(x, t), before)  # the module itself did change
+
+
 def test_training_traces_forward_and_backward_as_one_graph():
     torch.set_num_threads(1)
     model = _tiny_unet()

@@ -7,6 +7,9 @@ Backends (docs/design.md, "How a fused op is built and chosen"):
     triton     the Triton kernels (CUDA tensors; CPU tensors only under TRITON_INTERPRET=1,
                for tests)
     cuda       the CUDA C++ core, fastdiff._C_cuda (CUDA tensors)
+    aten       torch's own fused kernel where one does the same job and measures faster
+               (attention on CPU: ATen's flash-attention kernel, which returns the same
+               log-sum-exp and has its own backward; bench/bench_attention.py)
 
 Each op file (sampler_step.py, group_norm.py, attention.py) builds one `OpTable` and
 registers each of its kernels once, with what it supports: devices, dtypes, and a `limits`
@@ -22,7 +25,9 @@ The choice, for every op:
 - `auto` (the default) takes the first kernel of the op's `auto` order for the tensor's
   device type that is available and supports the call:
 
-      CPU tensors:   native, reference
+      CPU tensors:   native, reference            sampler_step, randn, group_norm_silu
+                     aten, native, reference      attention (ATen's CPU flash kernel measured
+                                                  3-9x faster than ours: BENCHMARKS.md)
       CUDA tensors:  cuda, triton, reference      sampler_step, randn, group_norm_silu
                      triton, reference            attention (no CUDA C++ kernel)
 
@@ -43,7 +48,7 @@ from typing import Callable, Dict, Iterator, Mapping, Optional, Sequence, Tuple
 
 import torch
 
-BACKENDS = ("auto", "reference", "native", "triton", "cuda")
+BACKENDS = ("auto", "reference", "native", "triton", "cuda", "aten")
 
 try:  # the compiled core; absent only when running from an unbuilt source tree
     from fastdiff import _C as native_lib  # noqa: F401

@@ -131,6 +131,22 @@ def _native_bwd(grad_out, q, k, v, out, lse, scale):
     return grad_q, grad_k, grad_v
 
 
+def _aten_fwd(q, k, v, scale):
+    """ATen's CPU flash-attention kernel (blocked, vectorised, bf16 through oneDNN/AMX where the
+    CPU has it). It returns the row log-sum-exp in fp32 (fp64 for fp64), as our kernels do.
+    It reads a head dim with stride != 1 wrongly (tests/test_attention.py), so that is made dense."""
+    q, k, v = dense_head_dim(q), dense_head_dim(k), dense_head_dim(v)
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, scale=scale)
+    return out.contiguous(), lse.contiguous()
+
+
+def _aten_bwd(grad_out, q, k, v, out, lse, scale):
+    q, k, v, out, grad_out = (dense_head_dim(t) for t in (q, k, v, out, grad_out.to(q.dtype)))
+    grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        grad_out, q, k, v, out, lse, 0.0, False, scale=scale)
+    return tuple(g.contiguous() for g in grads)
+
+
 def _triton_fwd(*args):
     from fastdiff.triton_kernels.attention import attention_fwd_triton
     return attention_fwd_triton(*args)
@@ -149,8 +165,11 @@ def _head_dim_limits(call: _backend.Call):
 
 
 TABLE = _backend.register_table(_backend.OpTable(
-    "attention", auto={"cpu": ("native",), "cuda": ("triton",)}, facts=lambda q: {"head_dim": q.shape[-1]}))
+    "attention", auto={"cpu": ("aten", "native"), "cuda": ("triton",)}, facts=lambda q: {"head_dim": q.shape[-1]}))
 TABLE.register("reference", fwd=_reference_fwd, bwd=_reference_bwd)
+# float64 stays with the reference (the ground truth) under auto
+TABLE.register("aten", devices=("cpu",), dtypes=(torch.float32, torch.bfloat16, torch.float16),
+               fwd=_aten_fwd, bwd=_aten_bwd)
 TABLE.register("native", devices=("cpu",), dtypes=(torch.float32, torch.bfloat16), limits=_head_dim_limits,
                fwd=_native_fwd, bwd=_native_bwd)
 # float64 is not a Triton attention case (no fp64 tensor-core dot): auto gives it to the reference
@@ -204,8 +223,10 @@ _attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float] = None) -> torch.Tensor:
     """softmax(scale * q k^T) v over the last two dims; q (B, H, Lq, D), k, v (B, H, Lk, D).
 
-    The kernel is chosen by the op's table (fastdiff/ops/_backend.py): native for fp32 and bf16
-    CPU tensors, Triton for fp32/fp16/bf16 CUDA tensors, the pure-torch reference for the rest.
+    The kernel is chosen by the op's table (fastdiff/ops/_backend.py): on CPU, ATen's flash
+    kernel for fp32/bf16/fp16 (measured faster than fastdiff's own native kernel, which stays
+    available as `use_backend("native")`), Triton for fp32/fp16/bf16 CUDA tensors, the
+    pure-torch reference for the rest.
     Any strides; the kernels read a dense head dim in place.
     """
     _check_attention_inputs(q, k, v, scale)
