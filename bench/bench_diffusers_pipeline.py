@@ -6,7 +6,9 @@
 
 The ddpm-cifar10 configuration (google/ddpm-cifar10-32's UNet2DModel config, random weights, nothing
 downloaded), batch 16, DDIM with 50 steps (eta = 0, leading spacing, clip_sample=False so both take the
-same arithmetic path), in fp32 and in bf16 (weights and samples in bf16 for both). Reported: images/s
+same arithmetic path), in fp32 and in bf16 (weights and samples in bf16 for both; fastdiff-optimize is
+`fastdiff.optimize(model, precision)`, what `fastdiff sample --fast` runs: fp32 weights under bf16
+autocast, compiled with freezing; its compilation happens in the untimed warm-up). Reported: images/s
 and, in the summary, fastdiff's ratio to diffusers; extra_info holds the largest pixel difference
 between the two implementations' images (0-1 scale). Skipped without diffusers (`pip install
 fastdiff[bench]`).
@@ -50,7 +52,7 @@ def _images(x: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("precision", list(DTYPES))
-@pytest.mark.parametrize("impl", ["fastdiff", "diffusers"])
+@pytest.mark.parametrize("impl", ["fastdiff", "fastdiff-optimize", "diffusers"])
 def test_ddim_pipeline(benchmark, report, folder, impl, precision):
     import diffusers
 
@@ -66,7 +68,11 @@ def test_ddim_pipeline(benchmark, report, folder, impl, precision):
             return out.permute(0, 2, 3, 1)
     else:
         model, _ = fastdiff.load_model(folder)
-        model = model.to(dtype)
+        if impl == "fastdiff-optimize":  # what `fastdiff sample --fast` runs: fp32 weights, bf16 autocast
+            backend = "inductor" if not _machine.SMOKE else "eager"
+            model, dtype = fastdiff.optimize(model, precision=precision, backend=backend), torch.float32
+        else:
+            model = model.to(dtype)
         x_T = torch.randn(BATCH, 3, size, size, generator=torch.Generator().manual_seed(0)).to(dtype)
 
         def run():
@@ -79,10 +85,12 @@ def test_ddim_pipeline(benchmark, report, folder, impl, precision):
     if getattr(benchmark, "stats", None):
         benchmark.extra_info["images/s"] = round(BATCH / benchmark.stats.stats.median, 3)
     _IMAGES[(impl, precision)] = images
-    other = _IMAGES.get(("diffusers" if impl == "fastdiff" else "fastdiff", precision))
+    other = _IMAGES.get(("fastdiff" if impl == "diffusers" else "diffusers", precision))
     if other is not None:
         benchmark.extra_info["max pixel difference"] = float((images.float() - other.float()).abs().max())
     report.add(benchmark, benchmark.group, impl, baseline=impl == "diffusers")
+    if impl == "fastdiff-optimize":
+        benchmark.extra_info["compile"] = "first call (warm-up) compiles; not timed"
 
 
 _IMAGES: dict = {}
