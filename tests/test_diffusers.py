@@ -307,12 +307,25 @@ def test_exported_folder_loads_in_diffusers_and_computes_the_same(name, tmp_path
                                rtol=1e-5, atol=1e-6)
 
 
+def _draw_fastdiffs_noise(monkeypatch, seed: int, steps: int) -> list:
+    """Make DDPMPipeline's per-step noise fastdiff's stream: its k-th draw belongs to fastdiff's
+    respaced step index steps - 1 - k. Returns the list of the draws' shapes, filled as it runs."""
+    import diffusers.schedulers.scheduling_ddpm as ddpm_module
+
+    calls = []
+
+    def fastdiff_noise(shape, generator=None, device=None, dtype=None, **kwargs):
+        calls.append(shape)
+        return fastdiff.ops.randn(tuple(shape), seed=seed, step=steps - len(calls), dtype=dtype or torch.float32)
+
+    monkeypatch.setattr(ddpm_module, "randn_tensor", fastdiff_noise)
+    return calls
+
+
 def test_exported_pipeline_draws_fastdiffs_images(tmp_path, monkeypatch):
     """export -> DDIMPipeline gives fastdiff's DDIM images; a learned-range model's DDPMPipeline
     gives fastdiff's ancestral images given the same per-step noise."""
     d = _diffusers()
-    import diffusers.schedulers.scheduling_ddpm as ddpm_module
-
     x_T = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
     model = _random_fastdiff(seed=1, diffusion=GaussianDiffusion(NoiseSchedule.cosine(1000), prediction="v"))
     export_diffusers(model, tmp_path / "ddim")
@@ -328,13 +341,7 @@ def test_exported_pipeline_draws_fastdiffs_images(tmp_path, monkeypatch):
     export_diffusers(model, tmp_path / "ddpm")
     pipe = d.DiffusionPipeline.from_pretrained(tmp_path / "ddpm")
     pipe.set_progress_bar_config(disable=True)
-    calls = []
-
-    def fastdiff_noise(shape, generator=None, device=None, dtype=None, **kwargs):
-        calls.append(shape)
-        return fastdiff.ops.randn(tuple(shape), seed=seed, step=steps - len(calls), dtype=dtype or torch.float32)
-
-    monkeypatch.setattr(ddpm_module, "randn_tensor", fastdiff_noise)
+    _draw_fastdiffs_noise(monkeypatch, seed, steps)
     theirs = pipe(batch_size=2, generator=torch.Generator().manual_seed(0), num_inference_steps=steps,
                   output_type="np").images
     ours = _as_images(fastdiff.sample(model, x_T=x_T, steps=steps, sampler="ddpm", seed=seed, spacing="leading"))
@@ -417,20 +424,11 @@ def test_ancestral_ddpm_equals_ddpm_pipeline_given_the_same_noise(tmp_path, monk
     """DDPMPipeline (fixed_small, clipping, 20 leading steps) with its per-step noise replaced by
     fastdiff's stream for the same step: the images must agree."""
     d = _diffusers()
-    import diffusers.schedulers.scheduling_ddpm as ddpm_module
-
     steps, seed = 20, 3
     pipe = d.DDPMPipeline(unet=_random_unet(SMALL, seed=4), scheduler=d.DDPMScheduler(variance_type="fixed_small"))
     pipe.save_pretrained(tmp_path)
     pipe.set_progress_bar_config(disable=True)
-    calls = []
-
-    def fastdiff_noise(shape, generator=None, device=None, dtype=None, **kwargs):
-        # the k-th noise draw belongs to fastdiff's respaced index steps - 1 - k
-        calls.append(shape)
-        return fastdiff.ops.randn(tuple(shape), seed=seed, step=steps - len(calls), dtype=dtype or torch.float32)
-
-    monkeypatch.setattr(ddpm_module, "randn_tensor", fastdiff_noise)
+    calls = _draw_fastdiffs_noise(monkeypatch, seed, steps)
     expected = pipe(batch_size=2, generator=torch.Generator().manual_seed(0), num_inference_steps=steps,
                     output_type="np").images
     assert len(calls) == steps - 1  # no noise leaving t = 0

@@ -262,24 +262,17 @@ def _module_table(model: UNet) -> Dict[str, str]:
              "label_embed": "class_embedding", "conv_in": "conv_in", "norm_out": "conv_norm_out",
              "conv_out": "conv_out", "mid.res": "mid_block.resnets.0", "mid.attn": "mid_block.attentions.0",
              "mid2": "mid_block.resnets.1"}
-    k = 0
-    for i in range(levels):
-        for j in range(blocks):
-            table[f"down.{k}.res"] = f"down_blocks.{i}.resnets.{j}"
-            table[f"down.{k}.attn"] = f"down_blocks.{i}.attentions.{j}"
-            k += 1
-        if i != levels - 1:
-            table[f"down.{k}.conv"] = f"down_blocks.{i}.downsamplers.0.conv"
-            k += 1
-    k = 0
-    for i in range(levels):  # diffusers' up_blocks[0] is the deepest level
-        for j in range(blocks + 1):
-            table[f"up.{k}.res"] = f"up_blocks.{i}.resnets.{j}"
-            table[f"up.{k}.attn"] = f"up_blocks.{i}.attentions.{j}"
-            k += 1
-        if i != levels - 1:
-            table[f"up.{k}.conv"] = f"up_blocks.{i}.upsamplers.0.conv"
-            k += 1
+    # fastdiff numbers each side's blocks in one run; diffusers per level (up_blocks[0] is the deepest)
+    for side, per_level, resampler in (("down", blocks, "downsamplers"), ("up", blocks + 1, "upsamplers")):
+        k = 0
+        for i in range(levels):
+            for j in range(per_level):
+                table[f"{side}.{k}.res"] = f"{side}_blocks.{i}.resnets.{j}"
+                table[f"{side}.{k}.attn"] = f"{side}_blocks.{i}.attentions.{j}"
+                k += 1
+            if i != levels - 1:
+                table[f"{side}.{k}.conv"] = f"{side}_blocks.{i}.{resampler}.0.conv"
+                k += 1
     return table
 
 
