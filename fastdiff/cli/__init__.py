@@ -16,7 +16,7 @@ import sys
 from typing import List, Optional
 
 from fastdiff.cli import eval as eval_commands
-from fastdiff.cli import experiments, sample, train
+from fastdiff.cli import autoencoder, experiments, sample, train
 from fastdiff.errors import InputError, UserError
 
 
@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"fastdiff {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for group in (train, sample, eval_commands, experiments):
+    for group in (train, autoencoder, sample, eval_commands, experiments):
         group.register(sub)
     return parser
 

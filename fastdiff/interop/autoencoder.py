@@ -10,15 +10,14 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Dict, Tuple
+from typing import Tuple
 
 import torch
 
 from fastdiff.errors import InputError, UserError
 from fastdiff.io import atomic_write_folder
-from fastdiff.interop.diffusers import (DIFFUSERS_VERSION, UNET_CONFIG, WEIGHTS_SAFETENSORS, _load_weights,
-                                        _read_json)
-from fastdiff.models.autoencoder import AUTOENCODER_DEFAULTS, AutoencoderKL
+from fastdiff.interop.diffusers import UNET_CONFIG, _load_weights, _read_json
+from fastdiff.models.autoencoder import AutoencoderKL, diffusers_folder_files
 
 CLASS_NAME = "AutoencoderKL"
 _OLD_ATTENTION_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
@@ -69,19 +68,9 @@ def export_autoencoder(model: AutoencoderKL, out, dtype: torch.dtype = torch.flo
     """Write `model` as a diffusers AutoencoderKL folder (config.json + safetensors) that
     `diffusers.AutoencoderKL.from_pretrained` and `fastdiff.load_model` read. `out` must not exist
     or be an empty folder; the folder appears whole or not at all."""
-    from safetensors.torch import save as st_save
-
     if not isinstance(model, AutoencoderKL):
         raise TypeError(f"model must be a fastdiff.models.AutoencoderKL, got {type(model).__name__}")
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"--out {out}: exists and is not an empty folder (nothing written)")
-    config = {"_class_name": CLASS_NAME, "_diffusers_version": DIFFUSERS_VERSION}
-    config.update({k: list(v) if isinstance(v, tuple) else v for k, v in model.config.items()
-                   if k in AUTOENCODER_DEFAULTS})
-    config["scaling_factor"] = model.scaling_factor  # may have been set from data after construction
-    tensors: Dict[str, torch.Tensor] = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous()
-                                        for k, v in model.state_dict().items()}
-    return atomic_write_folder(out, {
-        UNET_CONFIG: (json.dumps(config, indent=2) + "\n").encode(),
-        WEIGHTS_SAFETENSORS: st_save(tensors, metadata={"format": "pt"})})
+    return atomic_write_folder(out, diffusers_folder_files(model, dtype=dtype))

@@ -289,3 +289,65 @@ class AutoencoderKL(nn.Module):
     def extra_repr(self) -> str:
         return (f"f={self.downsampling_factor}, latent_channels={self.latent_channels}, "
                 f"scaling_factor={self.scaling_factor}")
+
+
+# --------------------------------------------------------------------------- diffusers folder files
+#: The two files of a diffusers AutoencoderKL folder, and the format version written.
+DIFFUSERS_CONFIG = "config.json"
+DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
+DIFFUSERS_FORMAT_VERSION = "0.30.0"
+
+
+def diffusers_folder_files(model: AutoencoderKL, dtype: torch.dtype = torch.float32,
+                           extra: Optional[Dict[str, Any]] = None) -> Dict[str, bytes]:
+    """The bytes of `model` as a diffusers AutoencoderKL folder: {config.json, weights}. The config
+    carries the model's current `scaling_factor` (it may have been set from data after
+    construction); `extra` goes under "_fastdiff", a key diffusers ignores (it skips names with a
+    leading underscore). Lives here, below the training layer, so that a training run can export
+    without reaching up to fastdiff.interop."""
+    import json
+
+    from safetensors.torch import save as st_save
+
+    config: Dict[str, Any] = {"_class_name": "AutoencoderKL", "_diffusers_version": DIFFUSERS_FORMAT_VERSION}
+    config.update({k: list(v) if isinstance(v, tuple) else v for k, v in model.config.items()
+                   if k in AUTOENCODER_DEFAULTS})
+    config["scaling_factor"] = float(model.scaling_factor)
+    if extra:
+        config["_fastdiff"] = extra
+    tensors = {k: (v.detach().to(dtype) if v.is_floating_point() else v.detach()).cpu().contiguous()
+               for k, v in model.state_dict().items()}
+    return {DIFFUSERS_CONFIG: (json.dumps(config, indent=2) + "\n").encode(),
+            DIFFUSERS_WEIGHTS: st_save(tensors, metadata={"format": "pt"})}
+
+
+# --------------------------------------------------------------------------- discriminator
+class PatchDiscriminator(nn.Module):
+    """A small PatchGAN (Isola et al. 2017, the discriminator of LDM's autoencoder training): strided
+    4x4 convolutions with GroupNorm and LeakyReLU(0.2), ending in a 1-channel map of logits, one per
+    overlapping patch (receptive field about 2^(layers+2) pixels). GroupNorm instead of pix2pix's
+    BatchNorm: the output of one image does not depend on the rest of its batch.
+
+    forward(x): (B, in_channels, H, W) -> (B, 1, H', W') logits (real > 0)."""
+
+    def __init__(self, in_channels: int = 3, channels: int = 32, layers: int = 2, groups: int = 8) -> None:
+        super().__init__()
+        _positive_int("in_channels", in_channels)
+        _positive_int("channels", channels)
+        _positive_int("layers", layers)
+        self.config = dict(in_channels=in_channels, channels=channels, layers=layers, groups=groups)
+        mods = [nn.Conv2d(in_channels, channels, 4, stride=2, padding=1), nn.LeakyReLU(0.2)]
+        width = channels
+        for i in range(1, layers + 1):
+            nxt = channels * 2 ** min(i, 3)
+            stride = 2 if i < layers else 1  # the last block keeps the resolution (pix2pix's n_layers scheme)
+            if nxt % groups:
+                raise ValueError(f"groups={groups} must divide the discriminator widths, got {nxt}")
+            mods += [nn.Conv2d(width, nxt, 4, stride=stride, padding=1, bias=False), nn.GroupNorm(groups, nxt),
+                     nn.LeakyReLU(0.2)]
+            width = nxt
+        mods.append(nn.Conv2d(width, 1, 4, stride=1, padding=1))
+        self.net = nn.Sequential(*mods)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
