@@ -1,5 +1,6 @@
 """`fastdiff reproduce`: the quick run end to end, its statistics helpers against closed forms
 and independent estimates (never against the scipy calls they wrap), and its argument errors."""
+import json
 import math
 import re
 import statistics
@@ -45,6 +46,7 @@ def test_quick_run_writes_the_report_and_a_rerun_resumes(tmp_path, monkeypatch, 
         assert re.search(r"^\|---", s, flags=re.M), s[:80]
         assert "**Verdict.**" in s and "**Paper's claim.**" in s
     assert "--quick" in report and "thread" in report
+    _check_solver_numbers(json.loads((out / "results.json").read_text()))
 
     # a rerun of one experiment reads the cache: no model is trained again
     ckpts = {p: p.stat().st_mtime_ns for p in (out / "models").rglob("checkpoint.json")}
@@ -55,6 +57,44 @@ def test_quick_run_writes_the_report_and_a_rerun_resumes(tmp_path, monkeypatch, 
     assert {p: p.stat().st_mtime_ns for p in ckpts} == ckpts
     report = (out / "REPORT.md").read_text()
     assert "## 1. " in report and "## 2. " not in report and "earlier invocation" in report
+
+
+def _check_solver_numbers(results):
+    """What experiments 5-7 claim to have measured is there and consistent."""
+    # 5: the report's PF-ODE slopes are the solvers' orders (the same settings in quick and full runs)
+    from fastdiff.experiments.reproduce.exp5_oracle import ODE_SOLVERS
+    slopes = results["5"]["pf_ode"]["slopes"]
+    assert set(slopes) == set(ODE_SOLVERS)
+    for name, (_, order, _) in ODE_SOLVERS.items():   # DPM-Solver-3 beats its order on Gaussian data
+        assert order - 0.3 <= slopes[name] <= order + (1.5 if name == "dpm_solver_3" else 0.3), (name, slopes[name])
+    errors = results["5"]["pf_ode"]["errors"]["ode"]
+    assert errors[-1][1] < errors[0][1] and all(nfe > 0 for nfe, _, _ in errors)   # tighter rtol, smaller error
+    # 6: every cell records the NFE sample() counted; the adaptive ODE's is its own
+    cells = results["6"]["cells"]
+    assert cells["ddim|NFE=10"]["nfe"] == 10 and cells["heun|NFE=10"]["nfe"] == 9
+    assert all(isinstance(c["nfe"], int) and c["nfe"] > 2 for c in results["6"]["ode"].values())
+    assert isinstance(results["6"]["goal_met"], bool) and len(results["6"]["dpmpp2m10_minus_ddim50"]) == 3
+    # 7: ODE and VLB bits/dim on the same images, the paired difference between them
+    for rec in results["7"].values():
+        ode, vlb, (d, lo, hi) = rec["ode"], rec["vlb"], rec["ode_minus_vlb"]
+        assert ode["n"] == vlb["n"] and lo <= d <= hi and math.isclose(d, ode["bpd"] - vlb["bpd"], abs_tol=1e-9)
+
+
+def test_settings_added_later_are_accepted_in_an_existing_folder(tmp_path):
+    """A field added to Settings after a folder was started (a new experiment's) cannot have
+    changed the cached results: the folder is resumed and the field recorded; a changed value
+    of an existing field is still refused."""
+    Run(tmp_path, QUICK, seed=0, progress=False)
+    path = tmp_path / "cache" / "settings.json"
+    stored = json.loads(path.read_text())
+    del stored["settings"]["oracle_bandwidth"]
+    path.write_text(json.dumps(stored))
+    Run(tmp_path, QUICK, seed=0, progress=False)
+    assert json.loads(path.read_text())["settings"]["oracle_bandwidth"] == QUICK.oracle_bandwidth
+    stored["settings"]["n_gen"] = 7
+    path.write_text(json.dumps(stored))
+    with pytest.raises(ValueError, match="--out .*other settings"):
+        Run(tmp_path, QUICK, seed=0, progress=False)
 
 
 def test_other_settings_in_the_same_folder_are_refused(tmp_path):
@@ -74,7 +114,7 @@ def test_help(capsys):
 
 
 @pytest.mark.parametrize("argv, needle", [
-    (["--only", "7"], "--only"),
+    (["--only", "99"], "--only"),
     (["--only", "1,x"], "'1,x'"),
     (["--only", "0"], f"from 1 to {len(EXPERIMENTS)}"),
     (["--threads", "0"], "positive integer"),

@@ -1,13 +1,15 @@
 """`fastdiff reproduce`: a small-scale reproduction of the claims the thesis reports.
 
-Six experiments on the embedded "shapes" data (16x16) and on the oracle kit:
+Seven experiments on the embedded "shapes" data (16x16) and on the oracle kit:
 
 1. linear vs cosine schedule: bits/dim after equal training (Nichol & Dhariwal, §3.2);
 2. L_simple vs L_hybrid vs L_vlb (importance-sampled t): bits/dim and sample quality;
 3. the DDIM table: eta in {0, 0.2, 0.5, 1, sigma-hat} x S steps, FID-like metric (Song et al., Table 1);
 4. fixed vs learned variance under respacing (Nichol & Dhariwal, Figure 8);
-5. oracle convergence: the exact-law error of DDIM and ancestral sampling as the steps grow;
-6. FID-like vs NFE for the ODE/SDE solvers of docs/score-based.md against DDIM.
+5. oracle convergence: the exact-law error of DDIM and ancestral sampling as the steps grow, and
+   the PF-ODE solvers' error against NFE next to the closed-form solution (their orders);
+6. FID-like vs NFE for the ODE/SDE solvers of docs/score-based.md against DDIM;
+7. bits/dim through the probability-flow ODE against the variational bound's.
 
 The package, one job per module:
 
@@ -56,14 +58,15 @@ from typing import Optional, Sequence
 import torch
 
 from fastdiff.experiments.reproduce import (exp1_schedules, exp2_losses, exp3_ddim, exp4_respacing,
-                                            exp5_oracle, exp6_nfe)
+                                            exp5_oracle, exp6_nfe, exp7_likelihood)
 from fastdiff.experiments.reproduce.plots import MATPLOTLIB_HINT, pyplot
 from fastdiff.experiments.reproduce.report import REPORT_NAME, Section, write_report
 from fastdiff.experiments.reproduce.run import FULL, MODELS, QUICK, SIGMA_HAT, Run, Settings, settings_for
 from fastdiff.experiments.reproduce.stats import bootstrap_fid, mmd2_to_mixture, normal_bootstrap_interval, t_interval
 
 #: Experiment number -> its module (with TITLE and experiment(run) -> Section), in report order.
-REGISTRY = {1: exp1_schedules, 2: exp2_losses, 3: exp3_ddim, 4: exp4_respacing, 5: exp5_oracle, 6: exp6_nfe}
+REGISTRY = {1: exp1_schedules, 2: exp2_losses, 3: exp3_ddim, 4: exp4_respacing, 5: exp5_oracle, 6: exp6_nfe,
+            7: exp7_likelihood}
 
 #: The order of the experiments and their short titles.
 EXPERIMENTS = {number: module.TITLE for number, module in REGISTRY.items()}

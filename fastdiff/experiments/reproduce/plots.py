@@ -113,14 +113,19 @@ def losses_figure(out: Path, curves: Mapping[str, Tuple[np.ndarray, np.ndarray]]
 
 # --------------------------------------------------------------------------- experiments 3, 4 (and samples)
 def fid_vs_steps(out: Path, steps: Sequence[int], series: Sequence[Tuple[str, Sequence[dict]]], floor: dict,
-                 xlabel: str, title: str, name: str, legend_size: int = 8) -> str:
+                 xlabel: str, title: str, name: str, legend_size: int = 8,
+                 points: Sequence[Tuple[str, float, dict]] = ()) -> str:
     """FID-like (with its interval) against sampling steps, one line per (label, cells) series
-    whose cells hold 'fid' and 'ci', log-log, the real-image floor dotted."""
+    whose cells hold 'fid' and 'ci', log-log, the real-image floor dotted; `points` (label, x,
+    cell) are single cells at their own x (an adaptive sampler's measured NFE), drawn unjoined."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for label, cells in series:
         ax.errorbar(steps, [c["fid"] for c in cells], yerr=list(_error_bars(cells, "fid")), marker="o", capsize=3,
                     label=label)
+    for (label, x, cell), marker in zip(points, "sDP^v<>*"):
+        ax.errorbar([x], [cell["fid"]], yerr=list(_error_bars([cell], "fid")), marker=marker, ls="none",
+                    capsize=3, color="black", mfc="white", label=label)
     ax.axhline(floor["fid"], color="gray", ls=":", label="real images (floor)")
     ax.set_xscale("log")
     ax.set_yscale("log")
@@ -171,5 +176,44 @@ def oracle_figure(out: Path, steps: Sequence[int], intervals: Dict[str, Sequence
     ax.set_xlabel("sampling steps S")
     ax.set_ylabel("MMD² to the exact law (×1e3, 95% CI over seeds)")
     ax.set_title("Oracle: sampler error vs steps (3-component 2-D mixture)")
+    ax.legend(fontsize=8)
+    return _save(fig, out, name)
+
+
+# --------------------------------------------------------------------------- experiment 5 (PF-ODE orders)
+def solver_order_figure(out: Path, curves: Mapping[str, Tuple[np.ndarray, np.ndarray]], slopes: Mapping[str, float],
+                        adaptive: Tuple[np.ndarray, np.ndarray, Sequence[float]], name: str) -> str:
+    """Error of x_0 against NFE, log-log: one line per fixed-step solver (label, with its fitted
+    slope), the adaptive solver as points labelled with their rtol."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6.8, 4.6))
+    for label, (nfe, err) in curves.items():
+        ax.plot(nfe, err, marker="o", ms=4, label=f"{label} (slope {slopes[label]:.2f})")
+    nfe, err, rtols = adaptive
+    ax.plot(nfe, err, ls="none", marker="s", color="black", mfc="white", label="adaptive RK45 (rtol labelled)")
+    for x, y, r in zip(nfe, err, rtols):
+        ax.annotate(f"{r:g}", (x, y), textcoords="offset points", xytext=(5, 3), fontsize=7)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("network evaluations (NFE)")
+    ax.set_ylabel("max |x_0 − exact PF-ODE solution|")
+    ax.set_title("PF-ODE solvers vs the closed form (Gaussian data)")
+    ax.legend(fontsize=7)
+    return _save(fig, out, name)
+
+
+# --------------------------------------------------------------------------- experiment 7
+def bpd_pairs_figure(out: Path, pairs: Mapping[str, Tuple[np.ndarray, np.ndarray]], name: str) -> str:
+    """Per-image (VLB bits/dim, ODE bits/dim), one colour per model, with the diagonal."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(5.2, 4.6))
+    lo = min(min(v.min(), o.min()) for v, o in pairs.values())
+    hi = max(max(v.max(), o.max()) for v, o in pairs.values())
+    for label, (vlb, ode) in pairs.items():
+        ax.scatter(vlb, ode, s=10, alpha=0.7, label=label)
+    ax.plot([lo, hi], [lo, hi], color="gray", ls=":", label="ODE = VLB")
+    ax.set_xlabel("VLB bits/dim (per image)")
+    ax.set_ylabel("PF-ODE bits/dim (per image)")
+    ax.set_title("Exact ODE likelihood vs the variational bound")
     ax.legend(fontsize=8)
     return _save(fig, out, name)

@@ -112,6 +112,13 @@ class Run:
         mine = {"settings": self.settings.to_json(), "seed": self.seed}
         if path.exists():
             theirs = json.loads(path.read_text())
+            # a setting added to `Settings` after this folder was started cannot have changed
+            # the results already cached: accept it and record it
+            added = {k: v for k, v in mine["settings"].items() if k not in theirs.get("settings", {})}
+            if added and theirs.get("seed") == self.seed:
+                theirs = {"settings": dict(theirs["settings"], **added), "seed": theirs["seed"]}
+                if theirs == mine:
+                    atomic_write_bytes(path, json.dumps(mine, indent=1).encode())
             if theirs != mine:
                 raise ValueError(f"--out {self.out}: it holds a reproduction with other settings "
                                  f"({theirs['settings']['name']}, seed {theirs['seed']}) than this one "
@@ -293,17 +300,19 @@ class Run:
         return self.cached(f"bpd-{name}", compute)
 
     def samples_fid(self, name: str, sampler: str, steps: int, eta: float = 0.0,
-                    variance: Optional[str] = None) -> Tuple[dict, Dict[str, np.ndarray]]:
-        """FID-like of n_gen samples of model `name` (sampler "ddim" with eta, or "ddpm" with the
-        model's variance or `variance`), with a bootstrap interval. All sample sets start from
-        the same initial noise (same seed)."""
+                    variance: Optional[str] = None, rtol: Optional[float] = None) -> Tuple[dict, Dict[str, np.ndarray]]:
+        """FID-like of n_gen samples of model `name` (sampler "ddim" with eta, "ddpm" with the
+        model's variance or `variance`, any other sampler of `fastdiff.sample`; "ode" with its
+        tolerance `rtol`, None: sample()'s default), with a bootstrap interval. All sample sets
+        start from the same initial noise (same seed). The record holds "nfe", the network
+        evaluations `sample` counted (for "ode": as the adaptive solver used them)."""
         from fastdiff.data import to_uint8
         from fastdiff.diffusion import GaussianDiffusion
         from fastdiff.sampling import sample
 
         s = self.settings
         tag = f"eta{eta:g}" if sampler == "ddim" else (variance or "model")
-        key = f"fid-{name}-{sampler}-{tag}-S{steps}"
+        key = f"fid-{name}-{sampler}-{tag}-S{steps}" + (f"-rtol{rtol:g}" if rtol is not None else "")
 
         def compute():
             model = self.model(name)
@@ -311,14 +320,16 @@ class Run:
             if variance is not None:
                 diffusion = GaussianDiffusion(diffusion.schedule, prediction=diffusion.prediction, variance=variance)
             t0 = time.time()
+            stats: dict = {}
             x = sample(model, n=s.n_gen, steps=steps, eta=eta, sampler=sampler, diffusion=diffusion,
-                                seed=self.seed + 1, progress=self.progress)
+                       seed=self.seed + 1, progress=self.progress, stats=stats,
+                       **({"rtol": rtol} if rtol is not None else {}))
             sample_seconds = time.time() - t0
             gen = self.features()(x).double().numpy()
             ref, _ = self.reference_features()
             value, lo, hi = bootstrap_fid(gen, ref, s.bootstrap, seed=self.seed)
             return ({"model": name, "sampler": sampler, "steps": steps, "eta": eta, "variance": variance,
-                     "fid": value, "ci": [lo, hi], "n_gen": s.n_gen, "n_ref": s.n_ref,
+                     "rtol": rtol, "nfe": stats.get("nfe"), "fid": value, "ci": [lo, hi], "n_gen": s.n_gen, "n_ref": s.n_ref,
                      "sample_seconds": round(sample_seconds, 2)},
                     {"features": gen, "images": to_uint8(x[:64]).numpy()})
 
