@@ -299,6 +299,8 @@ def sample(model: Callable, shape: Optional[Sequence[int]] = None, steps: int = 
         `default_clip_denoised` attribute if it has one (an imported diffusers scheduler's
         clip_sample), else True.
     stats: a dict that receives {"nfe": network evaluations, "timesteps": what was visited}.
+    A latent model (fastdiff.models.LatentDiffusionModel: it has `decode_latents`) is sampled in its
+    latent space (`shape`, `x_T` and a classifier are of latents) and the decoded images are returned.
     """
     _check_choice("sampler", sampler, SAMPLERS)
     opts = _solver_options(sampler, eta, s_churn, rtol, atol, snr, corrector_steps, seed, sample_offset)
@@ -317,8 +319,8 @@ def sample(model: Callable, shape: Optional[Sequence[int]] = None, steps: int = 
         steps_used = d.respace([index[t] for t in ts])
         if stats is not None:
             stats.update(nfe=len(ts), timesteps=list(ts))
-        return _sample_fused(model_fn, x, steps_used, sampler, opts, clip_denoised, model_kwargs, progress,
-                             cuda_graph, compile, classifier, classifier_scale, labels)
+        return _decoded(model, _sample_fused(model_fn, x, steps_used, sampler, opts, clip_denoised, model_kwargs,
+                                             progress, cuda_graph, compile, classifier, classifier_scale, labels))
     if cuda_graph or compile is not None:
         raise ValueError(f"cuda_graph/compile serve sampler='ddim'/'ddpm' only, got sampler={sampler!r}")
     den = Denoiser(model_fn, sde, d.prediction if d is not None else getattr(model, "prediction", "eps"),
@@ -327,7 +329,14 @@ def sample(model: Callable, shape: Optional[Sequence[int]] = None, steps: int = 
     x = SOLVERS[sampler].fn(den, x, _solver_grid(d, sde, sampler, ts), opts)
     if stats is not None:
         stats.update(nfe=den.nfe, timesteps=list(ts))
-    return x
+    return _decoded(model, x)
+
+
+def _decoded(model, x: torch.Tensor) -> torch.Tensor:
+    """The samples as images: a latent model (one with `decode_latents`, e.g.
+    fastdiff.models.LatentDiffusionModel) was sampled in its latent space and decodes them."""
+    decode = getattr(model, "decode_latents", None)
+    return x if decode is None else decode(x)
 
 
 def _visited_timesteps(model, d, sde, sampler: str, steps, spacing, timesteps) -> list:
