@@ -93,12 +93,18 @@ class OptimizedModel(nn.Module):
             steps.insert(0, f"torch.compile({', '.join(p for p in parts if p)})")
         self.path = f"{mode} on {device}: " + (" + ".join(steps) if steps else "eager fp32")
         self.first_call_seconds: Optional[float] = None
+        if hasattr(model, "decode_latents"):  # a latent model decodes its samples under the same precision
+            self.decode_latents = self._decode_latents
 
     def __getattr__(self, name):
         try:
             return super().__getattr__(name)
         except AttributeError:
             return getattr(super().__getattr__("model"), name)
+
+    def _decode_latents(self, z, **kwargs):
+        with torch.no_grad(), torch.autocast(self.device_type, dtype=torch.bfloat16, enabled=self.autocast):
+            return self.model.decode_latents(z, **kwargs).float()
 
     def forward(self, x, t, **kwargs):
         if self.channels_last and x.dim() == 4:
