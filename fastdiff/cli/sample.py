@@ -15,9 +15,13 @@ def load_for_sampling(source: str, no_ema: bool = False):
     from fastdiff.interop import load_model
     from fastdiff.train import load_checkpoint
 
-    from fastdiff.interop import is_diffusers_folder
+    from fastdiff.interop import is_autoencoder_folder, is_diffusers_folder
 
     path = Path(source)
+    if is_autoencoder_folder(path):
+        raise UserError(f"{source} is an autoencoder (a diffusers AutoencoderKL folder), not a diffusion model: it has "
+                        f"nothing to sample. Train a latent diffusion model on it with `fastdiff train --autoencoder "
+                        f"{source} --data ... --out RUN`, then `fastdiff sample RUN`")
     if is_diffusers_folder(path):
         if no_ema:
             raise UserError(f"--no-ema needs a run folder; {source} is a diffusers folder")
@@ -142,7 +146,7 @@ MAX_GRID_PIXELS = 1 << 28
 
 
 def check_sample_sizes(model, n: int, nrow: int, scale: int) -> None:
-    c, h, w = model.sample_shape
+    c, h, w = image_shape(model)
     if n * c * h * w * 4 > MAX_SAMPLE_BYTES:
         raise UserError(f"--n {n}: {n} samples of {c}x{h}x{w} take {n * c * h * w * 4 / 2**30:.1f} GiB "
                         f"(at most {MAX_SAMPLE_BYTES / 2**30:.0f} GiB per call); draw them in several calls "
@@ -152,6 +156,20 @@ def check_sample_sizes(model, n: int, nrow: int, scale: int) -> None:
     if pixels > MAX_GRID_PIXELS:
         raise UserError(f"--scale {scale}: the PNG grid of {n} samples would have {pixels:,} pixels (at most "
                         f"{MAX_GRID_PIXELS:,}); lower --scale or --n")
+
+
+def image_shape(model):
+    """(C, H, W) of the images a model gives: a latent model's decoded images, not its latents."""
+    return tuple(getattr(model, "image_shape", None) or model.sample_shape)
+
+
+def check_classifier(classifier, model) -> None:
+    """A classifier guides the sampler where it works: on images, or on a latent model's latents."""
+    shape = getattr(classifier, "sample_shape", None)
+    if shape is not None and tuple(shape) != tuple(model.sample_shape):
+        what = " (a latent model is guided by a classifier of its latents)" if hasattr(model, "decode_latents") else ""
+        raise UserError(f"--classifier takes inputs of shape {tuple(shape)}, but the model samples "
+                        f"{tuple(model.sample_shape)}{what}")
 
 
 def refuse_nonfinite(x, what: str) -> None:
@@ -182,10 +200,14 @@ def cmd_sample(a: argparse.Namespace) -> int:
     png, npz = output_paths(a.out)
     model, origin = load_for_sampling(a.dir, a.no_ema)
     model = optimize_for(model, a)  # --fast
+    if hasattr(model, "decode_latents"):
+        origin += (f"; latent diffusion: sampled as {'x'.join(map(str, model.sample_shape))} latents, decoded by its "
+                   f"autoencoder to {'x'.join(map(str, image_shape(model)))} images")
     classifier = None
     if a.classifier is not None:
         from fastdiff.train.classifier import load_classifier
         classifier = load_classifier(a.classifier)
+        check_classifier(classifier, model)
     labels, n, nrow = class_labels(model, a.n, a.label, a.per_class, classifier)
     check_sample_sizes(model, n, nrow, a.scale)
     t0 = time.time()
@@ -205,10 +227,13 @@ def cmd_sample(a: argparse.Namespace) -> int:
 
 
 def cmd_export(a: argparse.Namespace) -> int:
-    from fastdiff.interop import export_model
+    from fastdiff.interop import export_model, is_autoencoder_folder
     from fastdiff.io import check_output_file
     from fastdiff.train.checkpoint import refuse_run_file
 
+    if is_autoencoder_folder(Path(a.dir)):
+        raise UserError(f"{a.dir} is an autoencoder (a diffusers AutoencoderKL folder), not a training run: there is "
+                        f"nothing to export (fastdiff.interop.export_autoencoder writes autoencoders)")
     if a.format == "diffusers":
         from fastdiff.interop import export_diffusers
         from fastdiff.io import check_output_dir
@@ -219,6 +244,9 @@ def cmd_export(a: argparse.Namespace) -> int:
         from fastdiff.train import load_checkpoint
 
         model, _ = load_checkpoint(a.dir, ema=not a.no_ema)
+        if hasattr(model, "decode_latents"):
+            raise UserError(f"{a.dir} is a latent diffusion model (trained with --autoencoder): a diffusers pixel "
+                            "pipeline cannot hold it; export it with --format fastdiff (one file with its autoencoder)")
         path = export_diffusers(model, a.out, dtype=_EXPORT_DTYPES[a.dtype])
         size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
         print(f"exported {'model' if a.no_ema else 'EMA'} weights of {a.dir} ({a.dtype}) as a diffusers pipeline "

@@ -1,6 +1,8 @@
 """fastdiff's own model files: `export_model` writes a training run's weights as one
 self-describing safetensors file, `load_model` reads it (or a run folder) back as a U-Net
-that carries its diffusion and default guidance scale."""
+that carries its diffusion and default guidance scale. A latent run's file also holds its
+autoencoder (tensors under "autoencoder.", config in the metadata) and loads back as a
+fastdiff.models.LatentDiffusionModel."""
 from __future__ import annotations
 
 import dataclasses
@@ -8,12 +10,14 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 
 from fastdiff.errors import InputError
 from fastdiff.io import atomic_write_bytes, check_output_file
+from fastdiff.models.autoencoder import AutoencoderKL
+from fastdiff.models.latent import LatentDiffusionModel
 from fastdiff.models.unet import UNet
 from fastdiff.train.checkpoint import (CHECKPOINT_JSON, check_model_config, check_tensor_shapes, load_checkpoint,
                                        meta_model, refuse_run_file)
@@ -22,6 +26,9 @@ from fastdiff.train.config import build_diffusion, config_from_dict
 MODEL_FORMAT = "fastdiff-model-1"
 _METADATA_KEYS = ("config", "model_config", "step", "weights", "default_guidance_scale")
 _EXPORT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+#: a latent model's export: its autoencoder's tensors under this prefix, its config under this metadata key
+AUTOENCODER_PREFIX = "autoencoder."
+AUTOENCODER_KEY = "autoencoder_config"
 
 
 def export_model(run, path, ema: bool = True, dtype: str = "fp32") -> Path:
@@ -36,13 +43,19 @@ def export_model(run, path, ema: bool = True, dtype: str = "fp32") -> Path:
     refuse_run_file(path, "export path")  # before any work: never over a run's own record or weights
     check_output_file(path, "export path")
     model, record = load_checkpoint(run, ema=ema)
-    tensors = {k: (v.to(_EXPORT_DTYPES[dtype]) if v.is_floating_point() else v).contiguous()
-               for k, v in model.state_dict().items()}
+    latent = isinstance(model, LatentDiffusionModel)
+    networks = {"": model.unet, AUTOENCODER_PREFIX: model.autoencoder} if latent else {"": model}
+    tensors = {prefix + k: (v.to(_EXPORT_DTYPES[dtype]) if v.is_floating_point() else v).contiguous()
+               for prefix, net in networks.items() for k, v in net.state_dict().items()}
     config = config_from_dict(record["config"])
     metadata = {"format": MODEL_FORMAT, "model_config": json.dumps(record["model_config"]),
                 "config": json.dumps(dataclasses.asdict(config)), "step": str(record["step"]),
                 "weights": "ema" if ema else "model", "stored_dtype": dtype,
                 "default_guidance_scale": repr(config.resolved_guidance_scale)}
+    if latent:  # the run's autoencoder travels in the same file: the export stands alone
+        ae = model.autoencoder
+        metadata[AUTOENCODER_KEY] = json.dumps({**{k: list(v) if isinstance(v, tuple) else v
+                                                   for k, v in ae.config.items()}, "scaling_factor": ae.scaling_factor})
     path = Path(path)
     if path.parent != Path(""):
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -69,15 +82,30 @@ def load_model(path, device="cpu") -> Tuple[UNet, dict]:
     except Exception as e:
         raise InputError(f"{path}: not a safetensors model file ({type(e).__name__}: {e})") from None
     config, model_config, guidance, step = _check_metadata(path, metadata)
+    ae_config = _autoencoder_metadata(path, metadata, config)  # None for a pixel model
+    if ae_config is not None:
+        with torch.device("meta"):
+            check_tensor_shapes(_autoencoder(path, ae_config), shapes, path, prefix=AUTOENCODER_PREFIX,
+                                what="autoencoder weights")
+        shapes = {k: v for k, v in shapes.items() if not k.startswith(AUTOENCODER_PREFIX)}
     check_tensor_shapes(meta_model(config, model_config), shapes, path)
     try:
         with safe_open(str(path), framework="pt") as f:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:
         raise InputError(f"{path}: cannot read the weights ({type(e).__name__}: {e})") from None
+    tensors = {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}
     model = UNet(diffusion=build_diffusion(config), **model_config)
-    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in tensors.items()})
+    model.load_state_dict({k: v for k, v in tensors.items() if not k.startswith(AUTOENCODER_PREFIX)})
     model.default_guidance_scale = guidance
+    if ae_config is not None:  # a latent model: the U-Net with the autoencoder stored beside it
+        ae = _autoencoder(path, ae_config)
+        n = len(AUTOENCODER_PREFIX)
+        ae.load_state_dict({k[n:]: v for k, v in tensors.items() if k.startswith(AUTOENCODER_PREFIX)})
+        try:
+            model = LatentDiffusionModel(model, ae)
+        except ValueError as e:
+            raise InputError(f"{path}: {e}") from None
     info = {"config": dataclasses.asdict(config), "step": step, "weights": metadata["weights"],
             "source": str(path)}
     return model.to(device).eval(), info
@@ -118,3 +146,27 @@ def _check_metadata(path: Path, metadata: dict):
     return config, model_config, guidance, step
 
 
+def _autoencoder_metadata(path: Path, metadata: dict, config) -> Optional[dict]:
+    """The autoencoder config a latent model's export carries (None for a pixel model), checked
+    against the training config: a latent run's file without it, or the reverse, is refused."""
+    text = metadata.get(AUTOENCODER_KEY)
+    if (text is None) != (config.autoencoder is None):
+        what = (f"lacks {AUTOENCODER_KEY!r}: its training config is a latent run's" if text is None else
+                f"has {AUTOENCODER_KEY!r}, but its training config is a pixel run's")
+        raise InputError(f"{path}: invalid fastdiff model metadata: the file {what}")
+    if text is None:
+        return None
+    try:
+        ae_config = json.loads(text)
+    except ValueError as e:
+        raise InputError(f"{path}: invalid fastdiff model metadata: {AUTOENCODER_KEY!r} is not JSON ({e})") from None
+    if not isinstance(ae_config, dict):
+        raise InputError(f"{path}: invalid fastdiff model metadata: {AUTOENCODER_KEY!r} must be a JSON object")
+    return ae_config
+
+
+def _autoencoder(path: Path, ae_config: dict) -> AutoencoderKL:
+    try:
+        return AutoencoderKL(**ae_config)
+    except (TypeError, ValueError) as e:
+        raise InputError(f"{path}: invalid fastdiff model metadata: {AUTOENCODER_KEY!r}: {e}") from None

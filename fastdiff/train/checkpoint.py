@@ -30,6 +30,7 @@ from fastdiff.errors import InputError, UserError
 from fastdiff.io import LOCK_NAME, atomic_write_bytes
 from fastdiff.models.unet import UNet
 from fastdiff.train.config import TrainConfig, build_diffusion, config_from_dict
+from fastdiff.train.latent import run_latent_model
 
 CHECKPOINT_JSON = "checkpoint.json"
 FORMAT = "fastdiff-checkpoint-1"
@@ -303,7 +304,8 @@ def load_tensors(out: Path, record: dict) -> Dict[str, torch.Tensor]:
 
 def load_checkpoint(out, ema: bool = True, device="cpu") -> Tuple[UNet, dict]:
     """(model, record) from a training folder: the EMA weights unless ema=False. The model
-    carries its GaussianDiffusion (model.diffusion) and is in eval mode. The record and the
+    carries its GaussianDiffusion (model.diffusion) and is in eval mode. A latent run (--autoencoder)
+    gives a fastdiff.models.LatentDiffusionModel (the U-Net with the run's autoencoder). The record and the
     weights file's header are checked before the network is built."""
     out = Path(out)
     if out.is_file():
@@ -318,7 +320,10 @@ def load_checkpoint(out, ema: bool = True, device="cpu") -> Tuple[UNet, dict]:
     tensors = load_tensors(out, record)
     model.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
     model.default_guidance_scale = config.resolved_guidance_scale
-    return model.to(device).eval(), record
+    model = model.to(device).eval()
+    if config.autoencoder is not None:  # a latent run: its U-Net with the run's copy of the autoencoder
+        model = run_latent_model(out, model)
+    return model, record
 
 
 # --------------------------------------------------------------------------- the run's own files

@@ -90,6 +90,10 @@ class TrainConfig:
         None, f"default classifier-free guidance w recorded with the model for sampling (default: "
         f"{DEFAULT_GUIDANCE_SCALE:g} with --class-cond and --p-uncond > 0, else 0)", type=nonneg_float)
     model: Dict[str, Any] = option(help="further UNet keyword arguments", default_factory=dict, cli=False)
+    autoencoder: Optional[str] = option(
+        None, "latent diffusion (Rombach et al.): train on the latents of this autoencoder folder (a diffusers "
+        "AutoencoderKL folder, e.g. from `fastdiff train-autoencoder`), copied into --out; --image-size is the "
+        "images' size and the U-Net runs at image-size / f", metavar="DIR")
     # bookkeeping
     save_every: int = option(500, "checkpoint every N steps", type=positive_int)
     sample_every: int = option(0, "sample grid every N steps (0: at the end)", type=nonneg_int)
@@ -155,6 +159,8 @@ class TrainConfig:
         need(self.dataset_size is None or (isinstance(self.dataset_size, int) and self.dataset_size >= 1),
              f"dataset_size must be None or a positive integer, got {self.dataset_size!r}")
         need(self.sample_steps <= self.T, f"sample_steps={self.sample_steps} must be <= T={self.T}")
+        need(self.autoencoder is None or (isinstance(self.autoencoder, str) and self.autoencoder.strip() != ""),
+             f"autoencoder must be None or an autoencoder folder, got {self.autoencoder!r}")
         return self
 
     @property
@@ -259,9 +265,11 @@ def build_continuous_loss(config: TrainConfig, diffusion: GaussianDiffusion) -> 
     return ContinuousTimeLoss(diffusion.schedule, weighting=config.weighting, prediction=config.prediction)
 
 
-def build_model(config: TrainConfig, in_channels: int, num_classes: Optional[int]) -> UNet:
+def build_model(config: TrainConfig, in_channels: int, num_classes: Optional[int],
+                image_size: Optional[int] = None) -> UNet:
+    """The U-Net of a run; image_size (default: config.image_size) is the latent size of an --autoencoder run."""
     kwargs = dict(config.model)
-    kwargs.update(image_size=config.image_size, in_channels=in_channels)
+    kwargs.update(image_size=image_size or config.image_size, in_channels=in_channels)
     if config.dropout is not None:
         kwargs["dropout"] = config.dropout
     if config.class_cond:

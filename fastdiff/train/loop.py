@@ -29,6 +29,7 @@ from fastdiff.data import StepSampler, load_dataset
 from fastdiff.errors import InputError, UserError
 from fastdiff.image_utils import NonFiniteImagesError
 from fastdiff.io import RunLock, atomic_write_bytes, check_output_dir, remove_stale_temp_files
+from fastdiff.models.latent import LatentDiffusionModel
 from fastdiff.models.unet import UNet
 from fastdiff.train import distributed
 from fastdiff.train.checkpoint import (CHECKPOINT_JSON, check_tensor_shapes, file_tensor_shapes, load_tensors,
@@ -37,6 +38,7 @@ from fastdiff.train.checkpoint import (CHECKPOINT_JSON, check_tensor_shapes, fil
 from fastdiff.train.config import (TrainConfig, TrainResult, build_continuous_loss, build_model, config_from_dict,
                                    ema_rate_at, lr_at, merge_resumed, step_seed)
 from fastdiff.train.ema import ema_update
+from fastdiff.train.latent import prepare_latents
 
 # An exploding loss is judged against the median of the last [1] accepted losses, once there
 # are at least [0] of them.
@@ -134,6 +136,9 @@ class _Run:
         self.config = config
         self.dataset = load_dataset(config.data, image_size=config.image_size, train=True, seed=0,
                                     n=config.dataset_size)
+        # --autoencoder: the training set as cached latent posteriors, and the run's copy of the autoencoder
+        self.autoencoder, self.latents = prepare_latents(config, self.dataset, self.out, record is not None, self.rank,
+                                                         self.device, log=self.log)
         self._build(record)
         self.sampler = StepSampler(len(self.dataset), config.batch_size, seed=config.seed, rank=self.rank,
                                    world=self.world)
@@ -152,7 +157,10 @@ class _Run:
         """Model, EMA and optimizer, from scratch or from the checkpoint `record` names."""
         config = self.config
         torch.manual_seed(config.seed)
-        self.model = build_model(config, self.dataset.shape[0], self.dataset.num_classes).to(self.device)
+        channels, size = self.dataset.shape[0], None
+        if self.latents is not None:  # the U-Net of latents: latent channels, image_size / f
+            channels, size = self.latents.shape[0], self.latents.shape[-1]
+        self.model = build_model(config, channels, self.dataset.num_classes, image_size=size).to(self.device)
         self.diffusion = self.model.diffusion
         self.continuous_loss = build_continuous_loss(config, self.diffusion)  # --sde (None: discrete t)
         self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
@@ -205,7 +213,12 @@ class _Run:
         t, noise and label dropout are drawn for the global batch (all ranks) and sliced, so W
         ranks of batch B see what one process of batch W B sees (dropout masks stay per rank)."""
         config, device, rank = self.config, self.device, self.rank
-        x, y = self.dataset.batch(self.sampler.indices(step))
+        indices = self.sampler.indices(step)
+        if self.latents is None:
+            x, y = self.dataset.batch(indices)
+        else:  # a posterior sample of each image's latents, from the step's own generator
+            gen_z = torch.Generator().manual_seed(step_seed(config.seed, step, 0, 4))
+            x, y = self.latents.batch(indices, gen_z, rank, self.world)
         x = x.to(device, non_blocking=True)
         if config.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -319,11 +332,17 @@ class _Run:
         distributed.barrier(self.world)
         return True
 
+    def sampling_model(self):
+        """The EMA network as it is sampled: joined with the autoencoder for a latent run."""
+        if self.autoencoder is None:
+            return self.ema
+        return LatentDiffusionModel(self.ema, self.autoencoder)
+
     def samples(self, step: int) -> None:
         if self.rank == 0:
             config = self.config
             try:
-                write_samples(self.ema, self.out / "samples" / f"step-{step:08d}.png", config.sample_n,
+                write_samples(self.sampling_model(), self.out / "samples" / f"step-{step:08d}.png", config.sample_n,
                               config.sample_steps, seed=config.seed, guidance_scale=config.resolved_guidance_scale)
             except NonFiniteImagesError as e:
                 self.log(f"step {step}: no sample grid written: {e}")
