@@ -149,6 +149,17 @@ class VPSDE(SDE):
     def g2(self, t: Time) -> torch.Tensor:
         return self.beta(t)
 
+    def t_of_log_snr(self, lam: Union[float, np.ndarray]) -> np.ndarray:
+        """Closed form (Lu et al. 2022a, App. of DPM-Solver's inverse lambda): alpha^2 =
+        sigmoid(2 lambda), so -log alpha = softplus(-2 lambda) / 2 =: c, and t is the positive
+        root of (beta_max - beta_min) t^2 / 4 + beta_min t / 2 - c = 0, written as
+        2c / (beta_min / 2 + sqrt(beta_min^2 / 4 + (beta_max - beta_min) c)) (no cancellation);
+        clipped to [t_min, t_max] as the bisection of `SDE.t_of_log_snr` is."""
+        c = 0.5 * np.logaddexp(0.0, -2.0 * np.asarray(lam, dtype=np.float64))
+        b = 0.5 * self.beta_min
+        t = 2.0 * c / (b + np.sqrt(b * b + (self.beta_max - self.beta_min) * c))
+        return np.clip(t, self.t_min, self.t_max)
+
     def __repr__(self) -> str:
         return f"VPSDE(beta_min={self.beta_min}, beta_max={self.beta_max})"
 
