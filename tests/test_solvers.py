@@ -37,7 +37,7 @@ def _karras_grid(sde, steps):
     return Grid(ts.tolist(), sde.alpha(tt).numpy(), sde.sigma(tt).numpy())  # ends at T1: no final denoising
 
 
-EVALS = {"euler": 1, "heun": 2, "dpm_solver_2": 2, "dpm_solver_3": 3, "dpmpp_2m": 1, "dpmpp_3m": 1}
+EVALS = {"euler": 1, "heun": 2, "dpm_solver_2": 2, "dpm_solver_3": 3, "dpmpp_2m": 1, "dpmpp_3m": 1, "unipc": 1}
 
 
 def _errors(name, nfes=(32, 64, 128, 256)):
@@ -55,7 +55,7 @@ def _errors(name, nfes=(32, 64, 128, 256)):
 
 
 @pytest.mark.parametrize("name, order", [("euler", 1), ("heun", 2), ("dpm_solver_2", 2), ("dpmpp_2m", 2),
-                                         ("dpmpp_3m", 3)])
+                                         ("dpmpp_3m", 3), ("unipc", 3)])   # UniPC-2: UniC adds one order
 def test_order_of_convergence(name, order):
     nfe, err = _errors(name)
     slope = -np.polyfit(np.log(nfe), np.log(err), 1)[0]
@@ -150,7 +150,8 @@ def _diffusers_loop(scheduler, model, x_T, steps):
     return x, [int(t) for t in scheduler.timesteps]
 
 
-@pytest.mark.parametrize("name, steps", [("dpmpp_2m", 10), ("dpmpp_2m", 25), ("euler", 12), ("heun", 12)])
+@pytest.mark.parametrize("name, steps", [("dpmpp_2m", 10), ("dpmpp_2m", 25), ("euler", 12), ("heun", 12),
+                                         ("unipc", 10), ("unipc", 25)])
 def test_equals_diffusers_schedulers(linear, name, steps):
     diffusers = pytest.importorskip("diffusers")
     mix = GaussianMixture.three_component_2d()
@@ -163,6 +164,9 @@ def test_equals_diffusers_schedulers(linear, name, steps):
                                                       final_sigmas_type="zero", **common)
     elif name == "euler":  # "leading": integer timesteps (see docs/score-based.md, Conventions)
         sched = diffusers.EulerDiscreteScheduler(timestep_spacing="leading", **common)
+    elif name == "unipc":  # UniPC-2, B(h) = e^h - 1, data prediction, corrector after every step
+        sched = diffusers.UniPCMultistepScheduler(solver_order=2, solver_type="bh2", predict_x0=True,
+                                                  lower_order_final=True, final_sigmas_type="zero", **common)
     else:
         sched = diffusers.HeunDiscreteScheduler(timestep_spacing="leading", **common)
     sched.alphas_cumprod = linear.alphas_cumprod.clone()  # float64, as ours (diffusers: float32)
@@ -269,6 +273,8 @@ def test_bad_input_is_a_clear_error(linear):
         fastdiff.sample(zero, (2, 2), steps=2, sampler="dpmpp_3m")
     with pytest.raises(ValueError, match="dpmpp_2m' needs steps >= 2"):
         fastdiff.sample(zero, (2, 2), sampler="dpmpp_2m", timesteps=[999])
+    with pytest.raises(ValueError, match="unipc' needs steps >= 2"):
+        fastdiff.sample(zero, (2, 2), sampler="unipc", steps=1)
     for name, value in (("rtol", math.nan), ("atol", -1.0), ("rtol", "a")):
         with pytest.raises(ValueError, match=f"{name} must be a finite number > 0"):
             fastdiff.sample(zero, (2, 2), sampler="ode", **{name: value})

@@ -65,7 +65,7 @@ def class_labels(model, n: int, label=None, per_class=None, classifier=None):
 # fastdiff.sampling.SAMPLERS / SPACINGS (fixed names; tests/test_solvers.py checks they agree),
 # spelled out so that building the parser does not import torch
 SAMPLER_NAMES = ("ddim", "ddpm", "euler", "heun", "dpmpp_2m", "dpmpp_3m", "dpm_solver_2", "dpm_solver_3", "sde", "pc",
-                 "ode")
+                 "ode", "unipc")
 SPACING_NAMES = ("uniform", "leading", "trailing", "quadratic", "logsnr", "karras")
 
 

@@ -278,7 +278,8 @@ def sample(model: Callable, shape: Optional[Sequence[int]] = None, steps: int = 
         "euler" | "heun" (Karras et al. Alg. 1/2; s_churn) | "dpm_solver_2" | "dpm_solver_3"
         (Lu et al. 2022a, 2 / 3 evaluations per step) | "dpmpp_2m" | "dpmpp_3m" (Lu et al. 2022b)
         | "sde" (reverse SDE, Euler-Maruyama) | "pc" (predictor-corrector; snr, corrector_steps)
-        | "ode" (adaptive RK45 on the probability-flow ODE; rtol, atol; `steps` ignored).
+        | "ode" (adaptive RK45 on the probability-flow ODE; rtol, atol; `steps` ignored)
+        | "unipc" (UniPC-2 bh2, Zhao et al. 2023: predictor + free corrector, one evaluation per step).
         Every solver ends with the first-order step into sigma = 0.
     steps, spacing, timesteps: the sampler visits `steps` timesteps placed by `spacing` ("uniform",
         "leading", "trailing", "quadratic", "logsnr", "karras"; None: the model's `default_spacing`

@@ -286,6 +286,68 @@ def _dpmpp_multistep(den: Denoiser, x: torch.Tensor, grid: Grid, order: int):
     return x
 
 
+# --------------------------------------------------------------------------- UniPC (Zhao et al. 2023)
+def sample_unipc(den, x, grid, opts):
+    """UniPC-2 with B(h) = e^h - 1 ("bh2"; Zhao et al. 2023, Alg. 2 and Eq. 14 in the data-prediction
+    form): the UniP-2 predictor (here DPM-Solver++(2M)'s update) and after every evaluation the
+    UniC corrector, which reuses that evaluation, so NFE = steps. The first step and the step
+    into sigma = 0 are first order; the corrector raises the order of the predictor by one."""
+    history: List[torch.Tensor] = []
+    lams: List[float] = []
+    prev_x, prev_order = None, 0
+    for i in range(grid.steps):
+        x0 = den(x, grid.t[i])
+        if prev_x is not None:   # UniC: correct x_i with the model output at the uncorrected x_i
+            x = _unipc_update(prev_x, history, lams, grid, i - 1, prev_order, x0)
+        history, lams = (history + [x0])[-2:], (lams + [grid.log_snr(i)])[-2:]
+        if grid.sigma[i + 1] == 0:
+            return _denoise_final(den, x, grid, i, x0)
+        prev_x, prev_order = x, len(history)
+        x = _unipc_update(x, history, lams, grid, i, prev_order, None)
+    return x
+
+
+def _unipc_update(x: torch.Tensor, history: List[torch.Tensor], lams: List[float], grid: Grid, i: int, order: int,
+                  x0_next: Optional[torch.Tensor]) -> torch.Tensor:
+    """From x at grid point i (history[-1] = x0 there, lams its log-SNR) to point i + 1: the
+    UniP predictor of `order` when x0_next is None, else UniC of `order` with x0_next the model's
+    x0 at point i + 1. B(h) = e^{-h} - 1 in the data-prediction variable (bh2); the weights rho
+    solve the order conditions R rho = b (Zhao et al. 2023, Eq. 9 / Alg. 2 with phi_k)."""
+    hh = -(grid.log_snr(i + 1) - lams[-1])                           # -h
+    phi1 = math.expm1(hh)
+    b_h = phi1                                                      # bh2
+    x_pred = (grid.sigma[i + 1] / grid.sigma[i]) * x - grid.alpha[i + 1] * phi1 * history[-1]
+    diffs, rks = [], []
+    if order == 2:
+        r = (lams[-2] - lams[-1]) / -hh
+        rks.append(r)
+        diffs.append((history[-2] - history[-1]) / r)
+    rks.append(1.0)
+    if x0_next is None:                                             # UniP
+        if order == 1:
+            return x_pred
+        rhos = [0.5]                                                # the order-2 solution of R rho = b
+    else:                                                           # UniC
+        diffs.append(x0_next - history[-1])
+        rhos = [0.5] if order == 1 else _unipc_rhos(rks, hh, b_h)
+    return x_pred - grid.alpha[i + 1] * b_h * sum(rho * d for rho, d in zip(rhos, diffs))
+
+
+def _unipc_rhos(rks: List[float], hh: float, b_h: float) -> List[float]:
+    """Solve sum_k rho_k r_k^(j-1) = phi_{j+1}(h) j! / B(h), j = 1..K, with phi_{k+1} = (phi_k - 1/k!) / (-h)
+    recursively from phi_1 = (e^{-h} - 1) / (-h) ... (the h-scaled phi functions of Alg. 2)."""
+    k_max = len(rks)
+    h_phi = math.expm1(hh) / hh - 1.0
+    factorial = 1.0
+    rows, b = [], []
+    for j in range(1, k_max + 1):
+        rows.append([r ** (j - 1) for r in rks])
+        b.append(h_phi * factorial / b_h)
+        factorial *= j + 1
+        h_phi = h_phi / hh - 1.0 / factorial
+    return np.linalg.solve(np.array(rows), np.array(b)).tolist()
+
+
 # --------------------------------------------------------------------------- reverse SDE (Song et al.)
 def sample_sde(den, x, grid, opts):
     """Reverse-time SDE by Euler-Maruyama (Song et al. 2021, Eq. 6 discretised):
@@ -382,4 +444,5 @@ SOLVERS: Dict[str, SamplerSpec] = {
     "sde": SamplerSpec(sample_sde, "uniform", stochastic=True),
     "pc": SamplerSpec(sample_pc, "uniform", stochastic=True),
     "ode": SamplerSpec(sample_ode, "uniform"),
+    "unipc": SamplerSpec(sample_unipc, "logsnr", order=2),
 }
