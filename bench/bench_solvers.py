@@ -22,7 +22,7 @@ import fastdiff
 
 SHAPE = (2, 3, 8, 8) if _machine.SMOKE else (16, 3, 32, 32)
 STEPS = 4 if _machine.SMOKE else 20
-SAMPLERS = ["ddim", "ddpm", "euler", "heun", "dpmpp_2m", "dpmpp_3m", "dpm_solver_2", "dpm_solver_3", "sde", "pc"]
+SAMPLERS = ["ddim", "ddpm", "euler", "heun", "dpmpp_2m", "dpmpp_3m", "dpm_solver_2", "dpm_solver_3", "unipc", "sde", "pc"]
 
 
 class _FreeNetwork(torch.nn.Module):

@@ -25,12 +25,13 @@ CLAIM = ("With the exact denoiser E[x_0 | x_t] (no learning error), both the DDI
          "needs fewer steps for the same error (Song et al. attribute DDIM's few-step advantage to the smaller "
          "discretisation error of the deterministic sampler). The probability-flow ODE solvers converge at their "
          "orders: Euler 1, Heun 2 (Karras et al. 2022), DPM-Solver-2 2, DPM-Solver-3 3 (Lu et al. 2022a), "
-         "DPM-Solver++(2M) 2 and (3M) 3 (Lu et al. 2022b).")
+         "DPM-Solver++(2M) 2 and (3M) 3 (Lu et al. 2022b), UniPC-2 3 (its predictor's 2 plus one from the "
+         "corrector; Zhao et al. 2023).")
 
 #: PF-ODE solver -> (label, expected order, network evaluations per grid step)
 ODE_SOLVERS = {"euler": ("Euler", 1, 1), "heun": ("Heun", 2, 2), "dpm_solver_2": ("DPM-Solver-2", 2, 2),
                "dpm_solver_3": ("DPM-Solver-3", 3, 3), "dpmpp_2m": ("DPM-Solver++(2M)", 2, 1),
-               "dpmpp_3m": ("DPM-Solver++(3M)", 3, 1)}
+               "dpmpp_3m": ("DPM-Solver++(3M)", 3, 1), "unipc": ("UniPC-2 (bh2)", 3, 1)}
 ODE_NFES = (4, 8, 16, 32, 64, 128, 256)
 ODE_FIT_FROM = 32          # slopes are fitted where the error is asymptotic: NFE >= 32
 ODE_RTOLS = (1e-2, 1e-3, 1e-4, 1e-5, 1e-6, 1e-7)
