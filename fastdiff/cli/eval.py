@@ -6,9 +6,12 @@
         --inception-weights pt_inception-2015-12-05-6726825d.pth
     fastdiff eval fid runs/cifar --protocol cifar10-50k --data cifar-10-batches-bin \\
         --inception-weights pt_inception-2015-12-05-6726825d.pth
+    torchrun --nproc-per-node 8 -m fastdiff eval fid runs/cifar --protocol cifar10-50k ...
 
 A run folder is sampled exactly as `fastdiff sample` samples it (same labels, guidance,
-seed and noise contract), so `eval fid` measures the images users get.
+seed and noise contract), so `eval fid` measures the images users get. Under torchrun each
+rank draws and featurises its block of whole batches, the features are gathered once, and
+rank 0 reports the numbers one process would (cmd_eval_fid).
 """
 from __future__ import annotations
 
@@ -46,7 +49,8 @@ def _add_fid_parser(eval_subparsers) -> None:
         "are all of the set or a seeded random subset (never the first n in file order). FID is biased "
         "upwards at small n: compare numbers only at equal n, with the same features and options; "
         "--protocol cifar10-50k is the setting of published CIFAR-10 FIDs.")
-    e.add_argument("source", help="run folder (holding checkpoint.json), .npz of samples, or shard folder of "
+    e.add_argument("source", help="run folder (holding checkpoint.json) or `fastdiff export` .safetensors file "
+                   "(samples drawn as `fastdiff sample` draws them), .npz of samples, or shard folder of "
                    "`fastdiff sample --out DIR/`")
     e.add_argument("--data", required=True, help="reference dataset, as for train")
     e.add_argument("--protocol", choices=sorted(PROTOCOLS), default=None,
@@ -122,10 +126,8 @@ def sample_shard(model, labels, args, guidance_scale: float, start: int, stop: i
     """Samples [start, stop) of those `fastdiff sample` draws with these options, as uint8 batches.
 
     By the noise contract (sample i's noise depends on (seed, i) only; `sample_offset`), a shard
-    holds the same images whichever process draws it and whatever the batch size. The
-    distributed version (torchrun, the speed-and-scale issue) slots in here: rank r of W draws
-    the shard [r n / W, (r + 1) n / W), computes its features, and the features (or mergeable
-    `FeatureStats`) are gathered on rank 0; the numbers do not depend on W."""
+    holds the same images whichever process draws it; with `start` a multiple of the batch size
+    (`batch_aligned_share`) every forward batch is one a single process runs too."""
     from fastdiff.metrics.pipeline import quantize
     from fastdiff.sampling import sample_in_batches
 
@@ -136,19 +138,24 @@ def sample_shard(model, labels, args, guidance_scale: float, start: int, stop: i
         yield quantize(x.cpu(), quantize_mode)
 
 
-def _generated(args, settings, source: Path, device):
-    """-> (uint8 batches of the samples, n, image size, description, cache folder, subset record)."""
+def _generated(args, settings, source: Path, device, rank: int = 0, world: int = 1, log=print):
+    """-> (uint8 batches of this rank's share of the samples, n (all ranks), image size,
+    description, cache folder, subset record). Rank r of W takes the block of whole batches
+    `batch_aligned_share` gives it (all of them on one process)."""
     import torch
 
     from fastdiff.data import load_npz
     from fastdiff.metrics.pipeline import choose_subset, image_batches, quantize
     from fastdiff.sampling.shards import is_shard_folder, load_shard_folder
+    from fastdiff.train.distributed import batch_aligned_share
 
     n = settings["n"]
     shards = source.is_dir() and is_shard_folder(source)  # `fastdiff sample --out DIR/` (torchrun)
-    if source.is_file() or shards:
+    model_file = source.is_file() and source.suffix in (".safetensors", ".pt2")  # `fastdiff export [--compiled]`
+    if (source.is_file() and not model_file) or shards:
         if not shards and source.suffix != ".npz":
-            raise UserError(f"{source}: expected a run folder, an .npz of samples or a shard folder")
+            raise UserError(f"{source}: expected a run folder, an exported model (.safetensors, .pt2), an .npz of "
+                            "samples or a shard folder")
         # uint8 as `fastdiff sample` writes; floats in [0,1]/[-1,1] also work
         ds = load_shard_folder(source) if shards else load_npz(source, size=None)
         if args.protocol and len(ds) < n:
@@ -156,22 +163,24 @@ def _generated(args, settings, source: Path, device):
         idx, record = choose_subset(len(ds), n, args.subset_seed)
         record.update(_stored_quantisation(args, source, stored_uint8=ds.images.dtype == torch.uint8,
                                            mode=settings["quantize"]))
+        start, stop = batch_aligned_share(len(idx), args.batch_size, rank, world)
         batches = (x if x.dtype == torch.uint8 else quantize(x, settings["quantize"])
-                   for x in image_batches(ds, idx, args.batch_size))
+                   for x in image_batches(ds, idx[start:stop], args.batch_size))
         return batches, len(idx), ds.shape[-1], f"{source} ({len(ds)} images)", source.parent, record
-    if not source.is_dir():
-        raise FileNotFoundError(f"{source}: no such run folder or .npz file")
+    if not (source.is_dir() or model_file):
+        raise FileNotFoundError(f"{source}: no such run folder, exported model or .npz file")
     model, origin = load_for_sampling(str(source), args.no_ema)
     model.to(device)
     labels, n, _ = class_labels(model, n)
     if args.steps > model.diffusion.T:
         raise UserError(f"--steps {args.steps} exceeds the model's T={model.diffusion.T}")
     w = guidance_scale_of(model, args.guidance_scale)
-    print(f"sampling {n} images from {source} ({origin}, {args.sampler}, {args.steps} steps, eta={args.eta})",
-          flush=True)
-    batches = sample_shard(model, labels, args, w, 0, n, settings["quantize"])
+    on = f" on {world} ranks" if world > 1 else ""
+    log(f"sampling {n} images from {source} ({origin}, {args.sampler}, {args.steps} steps, eta={args.eta}){on}")
+    start, stop = batch_aligned_share(n, args.batch_size, rank, world)
+    batches = sample_shard(model, labels, args, w, start, stop, settings["quantize"])
     record = {"kind": "drawn", "n": n, "quantized": settings["quantize"]}
-    return batches, n, image_shape(model)[-1], f"run {source}", source, record
+    return batches, n, image_shape(model)[-1], f"run {source}", source.parent if model_file else source, record
 
 
 def _stored_quantisation(args, source: Path, stored_uint8: bool, mode: str) -> dict:
@@ -191,7 +200,7 @@ def _stored_quantisation(args, source: Path, stored_uint8: bool, mode: str) -> d
     return record
 
 
-def _extractor(args, settings, base: Path, image_size: int):
+def _extractor(args, settings, base: Path, image_size: int, log=print):
     from fastdiff.metrics.features import SHAPES_RECORD, InceptionV3Features, load_shapes_features
     from fastdiff.train.features import train_shapes_features
 
@@ -208,27 +217,74 @@ def _extractor(args, settings, base: Path, image_size: int):
     size = max(12, image_size)
     cache = base / "fid-cache" / f"shapes-features-{size}px-steps{args.features_steps}-seed{args.seed}"
     if (cache / SHAPES_RECORD).is_file():
-        print(f"using the cached shapes feature network in {cache}", flush=True)
+        log(f"using the cached shapes feature network in {cache}")
     else:
-        print(f"no --shapes-features given: training the shapes feature network ({args.features_steps} steps, "
-              f"seed {args.seed}, {size}x{size} images) into {cache}", flush=True)
+        log(f"no --shapes-features given: training the shapes feature network ({args.features_steps} steps, "
+            f"seed {args.seed}, {size}x{size} images) into {cache}")
         t0 = time.time()
         train_shapes_features(cache, steps=args.features_steps, seed=args.seed, image_size=size,
                               dataset_size=args.features_dataset_size, progress=not args.no_progress)
-        print(f"trained in {time.time() - t0:.1f}s", flush=True)
+        log(f"trained in {time.time() - t0:.1f}s")
     return load_shapes_features(cache)
+
+
+def _rank0_first(make, rank: int, world: int, device):
+    """make() on rank 0, then on the other ranks: a feature network trained into the cache
+    folder on the fly is trained once, by rank 0, and read from the cache by the others. When
+    rank 0 fails every rank stops (none is left waiting at a collective)."""
+    from fastdiff.train import distributed
+
+    result, error = None, None
+    if rank == 0:
+        try:
+            result = make()
+        except Exception as e:  # noqa: BLE001 - re-raised below, after the others learn of it
+            error = e
+    failed = distributed.from_rank0(error is not None, world, device)
+    if error is not None:
+        raise error
+    if failed:
+        raise UserError("rank 0 could not prepare the feature network (see its error)")
+    return result if rank == 0 else make()
+
+
+def _float32_features(extractor, batches):
+    """(N, F) features of image batches (uint8, or floats in [-1, 1]), as the extractor gives
+    them (float32, FeatureExtractor's contract); N may be 0."""
+    import torch
+
+    from fastdiff.data import to_model_range
+
+    parts = [extractor(x if x.is_floating_point() else to_model_range(x)).float().cpu() for x in batches]
+    return torch.cat(parts) if parts else torch.empty(0, extractor.dim)
 
 
 def _features_of(extractor, batches):
     """(N, F) float64 features of image batches (uint8, or floats in [-1, 1])."""
-    import numpy as np
-
-    from fastdiff.data import to_model_range
-
-    out = [extractor(x if x.is_floating_point() else to_model_range(x)).double().numpy() for x in batches]
-    if not out:
+    features = _float32_features(extractor, batches)
+    if features.shape[0] == 0:
         raise UserError("no images to compute features of")
-    return np.concatenate(out)
+    return features.double().numpy()
+
+
+def _all_features(extractor, batches, world: int, device):
+    """`_features_of` of every rank's batches, gathered in rank order (`gather_rows`): the rows
+    one process computes, in its order.
+
+    The features themselves are gathered, not mergeable sums (`FeatureStats`): KID draws random
+    subsets of them and precision/recall takes nearest neighbours among them, and the FID of
+    the gathered rows is the one-process computation on the same numbers (bitwise, where each
+    batch's features are: the same batches at the same thread count), while merged sums would
+    differ by rounding. The cost is N x F float32 once (50,000 x 2048: 0.4 GB), small next to
+    drawing the samples; float32 is what extractors return, so sending it loses nothing."""
+    if world == 1:
+        return _features_of(extractor, batches)
+    from fastdiff.train.distributed import gather_rows
+
+    rows = gather_rows(_float32_features(extractor, batches), world, device)
+    if rows.shape[0] == 0:
+        raise UserError("no images to compute features of")
+    return rows.double().numpy()
 
 
 def _reference(args, settings, size: int):
@@ -270,35 +326,69 @@ def check_json_output(path) -> None:
 
 
 def cmd_eval_fid(args: argparse.Namespace) -> int:
-    import sys
-
-    from fastdiff.metrics import fid_from_features, kid, precision_recall
-    from fastdiff.metrics.pipeline import describe_subset, image_batches
-    from fastdiff.runtime import resolve_device
+    """Under torchrun (env:// contract: WORLD_SIZE, RANK, LOCAL_RANK, MASTER_ADDR, MASTER_PORT)
+    every rank draws (or reads) its block of whole batches of the samples and of the reference
+    images and computes their features; the features are gathered once and rank 0 computes and
+    writes the result, the numbers of one process (`_all_features` says why)."""
+    from fastdiff.train import distributed
 
     check_json_output(args.json)
+    rank, world, device = distributed.setup(args.device)
+    try:
+        if rank != 0:
+            args.no_progress = True
+        features = _fid_features(args, rank, world, device)
+        if rank == 0:
+            _report_fid(args, features, world)
+    finally:
+        distributed.teardown(world)
+    return 0
+
+
+def _fid_features(args, rank: int, world: int, device):
+    """Every rank's part of the work; returns (on every rank) the gathered features and what
+    the report says about them."""
+    from fastdiff.metrics.pipeline import image_batches
+    from fastdiff.train.distributed import batch_aligned_share
+
+    log = (lambda msg: print(msg, flush=True)) if rank == 0 else (lambda msg: None)
     t0 = time.time()
     settings = _fid_settings(args)
-    device = resolve_device(args.device)
     source = Path(args.source).expanduser()
-    batches, n_gen, size, what, base, gen_record = _generated(args, settings, source, device)
+    batches, n_gen, size, what, base, gen_record = _generated(args, settings, source, device, rank, world, log)
     if n_gen < 2:
         raise UserError(f"{source}: FID needs at least 2 generated images, got {n_gen}")
-    extractor = _extractor(args, settings, base, size).to(device)
+    extractor = _rank0_first(lambda: _extractor(args, settings, base, size, log), rank, world, device).to(device)
     reference, idx, ref_record = _reference(args, settings, size)
     if len(idx) < 2:
         raise UserError(f"{args.data}: FID needs at least 2 reference images, got {len(idx)}")
-    f_gen = _features_of(extractor, batches)
-    f_ref = _features_of(extractor, image_batches(reference, idx, args.batch_size))
+    f_gen = _all_features(extractor, batches, world, device)
+    start, stop = batch_aligned_share(len(idx), args.batch_size, rank, world)
+    f_ref = _all_features(extractor, image_batches(reference, idx[start:stop], args.batch_size), world, device)
+    return dict(settings=settings, source=source, features=extractor.name, f_gen=f_gen, f_ref=f_ref, what=what,
+                gen_record=gen_record, ref_record=ref_record, t0=t0)
+
+
+def _report_fid(args, r: dict, world: int) -> None:
+    """FID, KID (and precision/recall) of the gathered features: printed, and written to --json."""
+    import sys
+
+    from fastdiff.metrics import fid_from_features, kid, precision_recall
+    from fastdiff.metrics.pipeline import describe_subset
+
+    settings, gen_record, ref_record, f_gen, f_ref = (r[k] for k in ("settings", "gen_record", "ref_record",
+                                                                     "f_gen", "f_ref"))
+    n_gen = len(f_gen)
     fid = fid_from_features(f_ref, f_gen)
-    n_ref, dim = len(idx), int(f_gen.shape[1])
+    n_ref, dim = len(f_ref), int(f_gen.shape[1])
     quantized = gen_record.pop("quantized")
     warnings = [w for w in (gen_record.pop("warning", None), _small_n_warning(n_gen, n_ref, dim)) if w]
-    result = {"fid": fid, "features": extractor.name, "feature_dim": dim, "source": str(source),
+    result = {"fid": fid, "features": r["features"], "feature_dim": dim, "source": str(r["source"]),
               "n_generated": n_gen, "data": args.data, "split": settings["split"], "n_reference": n_ref,
               "reference_subset": ref_record, "generated_subset": gen_record, "protocol": args.protocol,
-              "quantize": quantized, "reference_resize": settings["reference_resize"], "warnings": warnings}
-    line = (f"FID: {fid:.4f} ({extractor.name}, {n_gen} generated vs {n_ref} {args.data} {settings['split']} "
+              "quantize": quantized, "reference_resize": settings["reference_resize"], "warnings": warnings,
+              "ranks": world}
+    line = (f"FID: {fid:.4f} ({r['features']}, {n_gen} generated vs {n_ref} {args.data} {settings['split']} "
             f"images: {describe_subset(ref_record)}; samples quantised: {quantized}, reference "
             f"resize {settings['reference_resize']}" + (f"; protocol {args.protocol}" if args.protocol else "") + ")")
     if args.kid:
@@ -310,16 +400,16 @@ def cmd_eval_fid(args: argparse.Namespace) -> int:
         precision, recall = precision_recall(f_ref, f_gen, k=3)
         result.update(precision=precision, recall=recall)
         line += f"\nprecision: {precision:.4f}, recall: {recall:.4f} (k=3)"
-    result["seconds"] = round(time.time() - t0, 2)
+    result["seconds"] = round(time.time() - r["t0"], 2)
     for warning in warnings:
         print(f"warning: {warning}", file=sys.stderr, flush=True)
-    print(line + f"\n({what}; {result['seconds']:.1f}s)")
+    ranks = f"; features on {world} ranks" if world > 1 else ""
+    print(line + f"\n({r['what']}{ranks}; {result['seconds']:.1f}s)")
     if args.json:
         from fastdiff.io import atomic_write_bytes
         path = Path(args.json)
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(path, json.dumps(result, indent=1).encode())
-    return 0
 
 
 # --------------------------------------------------------------------------- eval bpd
