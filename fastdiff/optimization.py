@@ -14,11 +14,17 @@ What it applies, and why (figures in BENCHMARKS.md, bench/bench_e2e.py):
   so the path says so (it still runs: the caller asked for it);
 - CUDA graphs on GPUs (compile mode "reduce-overhead").
 `OptimizedModel.path` says which of these ran.
+
+Training (`mode="train"` compiles the forward and, through AOTAutograd, the backward) has a
+second half, `CompiledUpdate`: gradient clipping, the AdamW step and the EMA of the weights as
+compiled graphs over the optimizer's own state (`fastdiff train --compile`). Compile costs and
+the ahead-of-time alternative (`fastdiff export --compiled`): fastdiff/cli/fast.py.
 """
 from __future__ import annotations
 
 import contextlib
 import time
+from functools import partial
 from typing import Optional, Set
 
 import torch
@@ -153,3 +159,125 @@ def optimize(model: nn.Module, precision: str = "fp32", mode: str = "inference",
     else:
         model.train()
     return OptimizedModel(model, precision, mode, compile, fullgraph, channels_last, cuda_graphs, backend)
+
+
+# --------------------------------------------------------------------------- the training step
+def _global_grad_norm(grads):
+    """‖g‖₂ over all gradients: torch.nn.utils.clip_grad_norm_'s total norm (norm of the norms)."""
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2)), 2)
+
+
+def _clipped_adamw(params, grads, exp_avgs, exp_avg_sqs, steps, total_norm, decay, step_size, bc2_sqrt, *,
+                   max_norm: float, beta1: float, beta2: float, eps: float):
+    """Gradient clipping and one AdamW step, in place.
+
+    AdamW is Loshchilov & Hutter (2019), Algorithm 2, in torch.optim.AdamW's formulation
+    (its capturable branch: the step-dependent scalars are tensors, so one compiled graph
+    serves every step and learning rate):
+        θ ← θ (1 − η λ);  m ← β1 m + (1 − β1) g;  v ← β2 v + (1 − β2) g²;
+        θ ← θ − η / (1 − β1^k) · m / (√v / √(1 − β2^k) + ε).
+    Clipping is clip_grad_norm_'s rule, g ← g · min(1, max_norm / (‖g‖ + 1e-6))."""
+    if max_norm > 0:
+        grads = torch._foreach_mul(grads, torch.clamp(max_norm / (total_norm + 1e-6), max=1.0))
+    torch._foreach_add_(steps, 1)
+    torch._foreach_mul_(params, decay)
+    torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+    torch._foreach_mul_(exp_avg_sqs, beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
+    denom = torch._foreach_sqrt(exp_avg_sqs)
+    torch._foreach_div_(denom, bc2_sqrt)
+    torch._foreach_add_(denom, eps)
+    torch._foreach_div_(denom, step_size)  # step_size = −η / (1 − β1^k): the division gives the sign
+    torch._foreach_addcdiv_(params, exp_avgs, denom)
+
+
+def _ema_lerp(ema_params, params, weight):
+    """θ_ema ← θ_ema + w (θ − θ_ema), w = 1 − rate (fastdiff.train.ema.ema_update's lerp)."""
+    delta = torch._foreach_sub(params, ema_params)
+    torch._foreach_mul_(delta, weight)
+    torch._foreach_add_(ema_params, delta)
+
+
+class CompiledUpdate:
+    """The optimizer half of a compiled training step: gradient clipping by global norm, the
+    `torch.optim.AdamW` step and the EMA of the weights, as compiled graphs (the norm; the
+    clipped update; the EMA: after the norm the host checks that it is finite, and skips the
+    step when it is not, as the eager loop does). The forward and backward half is the compiled model
+    (`optimize(model, mode="train")` or torch.compile).
+
+    It updates the optimizer's own state tensors (exp_avg, exp_avg_sq, step: created as
+    AdamW creates them), so `optimizer.state_dict()` — the checkpoint — has the same form and
+    meaning as after eager steps, and a run can resume eagerly or compiled. The learning rate
+    and EMA rate may change every step without recompiling: they enter as tensors.
+
+        update = CompiledUpdate(opt, grad_clip=1.0, ema=(ema_model, model))
+        loss.backward()
+        applied = update(lr, ema_rate)   # False: the gradient norm was not finite, nothing changed
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, grad_clip: float = 0.0, ema=None,
+                 backend: str = "inductor"):
+        self.opt = optimizer
+        self._check_optimizer(optimizer)
+        if not (grad_clip >= 0 and grad_clip < float("inf")):
+            raise ValueError(f"grad_clip must be a finite number >= 0 (0: no clipping), got {grad_clip!r}")
+        self.grad_clip = float(grad_clip)
+        self.ema = ema
+        self.backend = backend
+        self.params = list(optimizer.param_groups[0]["params"])
+        kwargs = dict(backend=backend, fullgraph=True, dynamic=False)
+        self._norm = torch.compile(_global_grad_norm, **kwargs)
+        self._update = torch.compile(_clipped_adamw, **kwargs)
+        self._ema = torch.compile(_ema_lerp, **kwargs)
+
+    @staticmethod
+    def _check_optimizer(opt) -> None:
+        if not isinstance(opt, torch.optim.AdamW):
+            raise TypeError(f"optimizer must be a torch.optim.AdamW, got {type(opt).__name__}")
+        if len(opt.param_groups) != 1:
+            raise ValueError(f"optimizer must have one parameter group, got {len(opt.param_groups)}")
+        group = opt.param_groups[0]
+        unsupported = [k for k in ("amsgrad", "maximize", "capturable", "differentiable", "fused") if group.get(k)]
+        if unsupported:
+            raise ValueError(f"optimizer options {unsupported} are not supported by CompiledUpdate "
+                             "(it implements plain AdamW)")
+
+    def _state(self, params):
+        """(exp_avgs, exp_avg_sqs, steps), created as torch.optim.AdamW creates them."""
+        state = self.opt.state
+        for p in params:
+            if not state[p]:
+                state[p]["step"] = torch.tensor(0.0, dtype=torch.float32)  # AdamW: a CPU float step count
+                state[p]["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state[p]["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return ([state[p]["exp_avg"] for p in params], [state[p]["exp_avg_sq"] for p in params],
+                [state[p]["step"] for p in params])
+
+    @torch.no_grad()
+    def __call__(self, lr: float, ema_rate: Optional[float] = None) -> bool:
+        """Apply one step (learning rate `lr`, EMA decay `ema_rate`); False (nothing applied)
+        when the gradient norm is not finite. Gradients are left as they are."""
+        if self.ema is not None and ema_rate is None:
+            raise ValueError("ema_rate is needed: this update keeps an EMA")
+        group = self.opt.param_groups[0]
+        group["lr"] = lr  # what AdamW records, so the state_dict says which lr ran
+        params = [p for p in self.params if p.grad is not None]  # AdamW skips the others too
+        if not params:
+            return True
+        grads = [p.grad for p in params]
+        total = self._norm(grads) if self.grad_clip > 0 else torch.zeros(())
+        if self.grad_clip > 0 and not bool(torch.isfinite(total)):
+            return False
+        exp_avgs, exp_avg_sqs, steps = self._state(params)
+        beta1, beta2 = group["betas"]
+        k = float(steps[0]) + 1  # this step's count (every parameter's is the same under AdamW)
+        scalar = partial(torch.tensor, dtype=torch.float64, device=params[0].device)
+        self._update(params, grads, exp_avgs, exp_avg_sqs, steps, total, scalar(1.0 - lr * group["weight_decay"]),
+                     scalar(-lr / (1.0 - beta1 ** k)), scalar((1.0 - beta2 ** k) ** 0.5),
+                     max_norm=self.grad_clip, beta1=beta1, beta2=beta2, eps=group["eps"])
+        if self.ema is not None:
+            ema_model, model = self.ema
+            self._ema(list(ema_model.parameters()), [p.detach() for p in model.parameters()], scalar(1.0 - ema_rate))
+            for eb, mb in zip(ema_model.buffers(), model.buffers()):
+                eb.copy_(mb)
+        return True
