@@ -10,8 +10,8 @@ For each precision (fp32; bf16 = autocast, the same network):
   freezing + channels_last). The FLOPs of the forward are counted once with
   torch.utils.flop_counter; the summary prints each as a fraction of a measured peak (the better
   of a large GEMM and a large convolution in the same dtype, run in the same session).
-- `train`: one training step (forward, backward, AdamW) with optimize(mode="train") against
-  diffusers eager.
+- `train`: one training step (forward, backward, AdamW) with optimize(mode="train") and the
+  compiled AdamW step (fastdiff.optimization.CompiledUpdate) against diffusers eager.
 - `ddim`: DDIM sampling timed over a few steps, reported as DDIM-50 images/s.
 diffusers parts skip without diffusers (`pip install fastdiff[bench]`). Smoke mode (CI) uses the
 tiny preset and torch.compile's "eager" backend (a trace, no inductor code generation: compiling
@@ -32,6 +32,7 @@ import _machine
 import fastdiff
 from bench_unet import _DiffusersAsEps, _diffusers_unet
 from fastdiff.models.unet import UNet
+from fastdiff.optimization import CompiledUpdate
 
 PRESET, BATCH = ("tiny", 2) if _machine.SMOKE else ("ddpm-cifar10", 8)
 BACKEND = "eager" if _machine.SMOKE and os.environ.get("FASTDIFF_BENCH_INDUCTOR") != "1" else "inductor"
@@ -131,6 +132,9 @@ def test_train_step(benchmark, report, impl, precision):
     fn, module, path = _plain(impl, precision, train=True)
     diffusion = fastdiff.GaussianDiffusion(fastdiff.NoiseSchedule.linear(1000))
     opt = torch.optim.AdamW(module.parameters(), lr=1e-4, foreach=True)
+    # the fast path's optimizer step is compiled too (what `fastdiff train --compile` runs)
+    update = (CompiledUpdate(opt, backend=BACKEND) if impl == "fastdiff-optimize"
+              else lambda lr: opt.step())
     x, _ = _input()
     gen = torch.Generator().manual_seed(0)
 
@@ -138,7 +142,7 @@ def test_train_step(benchmark, report, impl, precision):
         loss = diffusion.training_losses(lambda a, b: fn(a, b), x, generator=gen)["loss"].mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        opt.step()
+        update(1e-4)
 
     _first_call(benchmark, step)
     benchmark.group = f"e2e train step {PRESET} b{BATCH} {precision}"
