@@ -196,7 +196,7 @@ def solver_order_figure(out: Path, curves: Mapping[str, Tuple[np.ndarray, np.nda
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("network evaluations (NFE)")
-    ax.set_ylabel("max |x_0 − exact PF-ODE solution|")
+    ax.set_ylabel("max |x − exact flow| at the grid's end")
     ax.set_title("PF-ODE solvers vs the closed form (Gaussian data)")
     ax.legend(fontsize=7)
     return _save(fig, out, name)
