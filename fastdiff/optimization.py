@@ -142,8 +142,9 @@ def optimize(model: nn.Module, precision: str = "fp32", mode: str = "inference",
     run in bf16). mode: "inference" (no_grad, frozen weights: do not train the result) |
     "train" (gradients flow; a compiled forward and backward). cuda_graphs: None = on CUDA in
     inference mode. backend: torch.compile's ("eager"/"aot_eager" trace without inductor, for
-    tests). Compiling the first call takes a while (about a minute for the CIFAR-10
-    U-Net on 2 CPU cores); inductor's cache (TORCHINDUCTOR_CACHE_DIR) makes later processes faster."""
+    tests). Compiling the first call takes a while (the CIFAR-10 U-Net: 437 s in a first process,
+    75 s in a second one reusing inductor's cache, TORCHINDUCTOR_CACHE_DIR; one thread of a busy
+    2-core CPU; fastdiff/cli/fast.py); `fastdiff export --compiled` packages load without compiling."""
     _check("precision", precision, PRECISIONS)
     _check("mode", mode, MODES)
     if not isinstance(model, nn.Module) or next(model.parameters(), None) is None:

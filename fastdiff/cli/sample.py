@@ -234,6 +234,8 @@ def cmd_export(a: argparse.Namespace) -> int:
     if is_autoencoder_folder(Path(a.dir)):
         raise UserError(f"{a.dir} is an autoencoder (a diffusers AutoencoderKL folder), not a training run: there is "
                         f"nothing to export (fastdiff.interop.export_autoencoder writes autoencoders)")
+    if a.compiled:
+        return cmd_export_compiled(a)
     if a.format == "diffusers":
         from fastdiff.interop import export_diffusers
         from fastdiff.io import check_output_dir
@@ -257,6 +259,49 @@ def cmd_export(a: argparse.Namespace) -> int:
     path = export_model(a.dir, a.out, ema=not a.no_ema, dtype=a.dtype)
     print(f"exported {'model' if a.no_ema else 'EMA'} weights of {a.dir} ({a.dtype}) to {path} "
           f"({path.stat().st_size / 1e6:.1f} MB)")
+    return 0
+
+
+def cmd_export_compiled(a: argparse.Namespace) -> int:
+    """`fastdiff export RUN --compiled`: an AOTInductor package (fastdiff/interop/compiled.py)."""
+    import dataclasses
+    import json
+
+    from fastdiff.interop.compiled import PACKAGE_SUFFIX, export_compiled
+    from fastdiff.io import check_output_file
+    from fastdiff.train import load_checkpoint
+    from fastdiff.train.checkpoint import refuse_run_file
+    from fastdiff.train.config import config_from_dict
+
+    if a.format != "fastdiff":
+        raise UserError(f"--compiled writes an AOTInductor package; it cannot be combined with --format {a.format}")
+    if not a.out.endswith(PACKAGE_SUFFIX):
+        raise UserError(f"--compiled: --out must end in {PACKAGE_SUFFIX} (AOTInductor's package), got {a.out!r}")
+    refuse_run_file(a.out)
+    check_output_file(a.out)
+    if Path(a.dir).is_dir():
+        model, record = load_checkpoint(a.dir, ema=not a.no_ema)
+        step, weights, model_config = record["step"], "model" if a.no_ema else "ema", record["model_config"]
+        config = config_from_dict(record["config"])
+    else:  # a `fastdiff export` .safetensors file
+        from fastdiff.interop import load_model
+        if a.no_ema:
+            raise UserError(f"--no-ema needs a run folder; {a.dir} is an exported model file")
+        model, info = load_model(a.dir)
+        if "config" not in info or not hasattr(model, "config"):
+            raise UserError(f"{a.dir}: --compiled takes a fastdiff run folder or `fastdiff export` file")
+        step, weights, model_config = info["step"], info["weights"], model.config
+        config = config_from_dict(info["config"])
+    if hasattr(model, "decode_latents"):
+        raise UserError(f"{a.dir} is a latent diffusion model: --compiled packages pixel-space U-Nets only (the "
+                        "autoencoder's decoder is not in the package); export it without --compiled")
+    metadata = {"config": json.dumps(dataclasses.asdict(config)), "model_config": json.dumps(model_config),
+                "step": step, "weights": weights, "default_guidance_scale": repr(config.resolved_guidance_scale)}
+    print(f"compiling {a.dir} ahead of time (AOTInductor, {a.precision}, {a.ops} ops, batch {a.batch_size}); "
+          "this takes minutes for a large U-Net", flush=True)
+    path, seconds = export_compiled(model, a.out, metadata, a.batch_size, a.precision, a.ops)
+    print(f"exported {weights} weights of {a.dir} as a compiled package {path} ({path.stat().st_size / 1e6:.1f} MB) "
+          f"in {seconds:.1f}s; `fastdiff sample {path} ...` and fastdiff.load_model load it without compiling")
     return 0
 
 
@@ -297,4 +342,15 @@ def register(sub) -> None:
     p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32",
                    help="storage precision (loaded back as fp32; default: fp32)")
     p.add_argument("--no-ema", action="store_true", help="export the raw weights, not the EMA")
+    p.add_argument("--compiled", action="store_true",
+                   help="write an ahead-of-time compiled package (--out NAME.pt2, AOTInductor: generated C++ and the "
+                   "weights) that `fastdiff sample` and fastdiff.load_model run without compiling; tied to this "
+                   "torch version and CPU")
+    p.add_argument("--batch-size", type=positive_int, default=64,
+                   help="--compiled: the package's forward batch (default: 64; other batches are cut and padded)")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                   help="--compiled: fp32 (default) or bf16 autocast inside the package")
+    p.add_argument("--ops", choices=("fused", "reference"), default="fused",
+                   help="--compiled: fastdiff's fused ops as calls in the package (default), or their pure-torch "
+                   "references compiled into it")
     p.set_defaults(func=cmd_export)

@@ -12,11 +12,14 @@ __all__ = ["MODEL_FORMAT", "export_autoencoder", "export_diffusers", "export_mod
 
 
 def load_model(path, device="cpu"):
-    """(model, info) from a fastdiff run folder or `fastdiff export` file, or a diffusers
+    """(model, info) from a fastdiff run folder, `fastdiff export` file or compiled package (.pt2), or a diffusers
     UNet2DModel folder, AutoencoderKL folder or pipeline folder (model_index.json): see
     load_diffusers and load_autoencoder."""
     import os
     folder = Path(os.path.expanduser(str(path)))
+    if folder.suffix == ".pt2":  # `fastdiff export --compiled`: runs without compiling
+        from fastdiff.interop.compiled import load_compiled
+        return load_compiled(folder, device=device)
     if is_diffusers_folder(folder):
         if is_autoencoder_folder(folder):
             return load_autoencoder(path, device=device)
