@@ -8,6 +8,8 @@ from fastdiff.errors import UserError
 from fastdiff.options import positive_float, positive_int
 from fastdiff.runtime import free_threads
 
+DEMO_OUT = "fastdiff-demo"
+
 
 def cmd_demo(a: argparse.Namespace) -> int:
     from fastdiff.experiments.demo import run_demo
@@ -17,6 +19,12 @@ def cmd_demo(a: argparse.Namespace) -> int:
     if a.image_size > MAX_IMAGE_SIZE:
         raise UserError(f"--image-size must be at most {MAX_IMAGE_SIZE}, got {a.image_size}")
     check_output_dir(a.out)
+    if a.latent or a.autoencoder:
+        from fastdiff.experiments.demo import run_latent_demo
+        out = a.out if a.out != DEMO_OUT else DEMO_OUT + "-latent"
+        run_latent_demo(out=out, minutes=a.minutes, autoencoder=a.autoencoder, batch_size=a.batch_size, n=a.n,
+                        seed=a.seed, lr=a.lr, dataset_size=a.dataset_size, threads=a.threads)
+        return 0
     run_demo(out=a.out, minutes=a.minutes, preset=a.preset, batch_size=a.batch_size, n=a.n, seed=a.seed,
              lr=a.lr, dataset_size=a.dataset_size, fp32=a.fp32, image_size=a.image_size, threads=a.threads)
     return 0
@@ -63,7 +71,8 @@ def register(sub) -> None:
                        description="Train a small class-conditional U-Net on the embedded 'shapes' data within a "
                        "wall-clock budget, then draw a DDIM-50 grid (one row per class). Writes samples.png, "
                        "loss.png, speed.json and README.md to --out.")
-    p.add_argument("--out", default="fastdiff-demo", help="output folder (default: fastdiff-demo)")
+    p.add_argument("--out", default=DEMO_OUT, help="output folder (default: fastdiff-demo, fastdiff-demo-latent "
+                   "with --latent)")
     p.add_argument("--minutes", type=positive_float, default=9.0,
                    help="total wall-clock budget, sampling included (default: 9)")
     p.add_argument("--preset", default=None, help="U-Net preset (default: demo)")
@@ -78,6 +87,10 @@ def register(sub) -> None:
     p.add_argument("--fp32", action="store_true", help="train in fp32 (default: bf16 autocast + channels_last)")
     p.add_argument("--dataset-size", type=positive_int, default=10000,
                    help="size of the generated shapes set (default: 10000)")
+    p.add_argument("--latent", action="store_true", help="latent diffusion: train an autoencoder (f = 4) on 32x32 "
+                   "shapes, then a U-Net on its latents, and sample through the decoder")
+    p.add_argument("--autoencoder", default=None, metavar="DIR", help="with --latent: use this autoencoder folder "
+                   "(e.g. tests/data/shapes32-ae) instead of training one")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("reproduce", help="reproduce the thesis's claims at small scale: REPORT.md + plots",

@@ -1,6 +1,6 @@
 """`fastdiff reproduce`: a small-scale reproduction of the claims the thesis reports.
 
-Seven experiments on the embedded "shapes" data (16x16) and on the oracle kit:
+Eight experiments on the embedded "shapes" data (16x16; 32x32 for 8) and on the oracle kit:
 
 1. linear vs cosine schedule: bits/dim after equal training (Nichol & Dhariwal, §3.2);
 2. L_simple vs L_hybrid vs L_vlb (importance-sampled t): bits/dim and sample quality;
@@ -9,7 +9,8 @@ Seven experiments on the embedded "shapes" data (16x16) and on the oracle kit:
 5. oracle convergence: the exact-law error of DDIM and ancestral sampling as the steps grow, and
    the PF-ODE solvers' error against NFE next to the closed-form solution (their orders);
 6. FID-like vs NFE for the ODE/SDE solvers of docs/score-based.md against DDIM;
-7. bits/dim through the probability-flow ODE against the variational bound's.
+7. bits/dim through the probability-flow ODE against the variational bound's;
+8. pixel vs latent diffusion (f = 4 autoencoder) at equal training wall-clock: speed and FID-like.
 
 The package, one job per module:
 
@@ -58,7 +59,7 @@ from typing import Optional, Sequence
 import torch
 
 from fastdiff.experiments.reproduce import (exp1_schedules, exp2_losses, exp3_ddim, exp4_respacing,
-                                            exp5_oracle, exp6_nfe, exp7_likelihood)
+                                            exp5_oracle, exp6_nfe, exp7_likelihood, exp8_latent)
 from fastdiff.experiments.reproduce.plots import MATPLOTLIB_HINT, pyplot
 from fastdiff.experiments.reproduce.report import REPORT_NAME, Section, write_report
 from fastdiff.experiments.reproduce.run import FULL, MODELS, QUICK, SIGMA_HAT, Run, Settings, settings_for
@@ -66,7 +67,7 @@ from fastdiff.experiments.reproduce.stats import bootstrap_fid, mmd2_to_mixture,
 
 #: Experiment number -> its module (with TITLE and experiment(run) -> Section), in report order.
 REGISTRY = {1: exp1_schedules, 2: exp2_losses, 3: exp3_ddim, 4: exp4_respacing, 5: exp5_oracle, 6: exp6_nfe,
-            7: exp7_likelihood}
+            7: exp7_likelihood, 8: exp8_latent}
 
 #: The order of the experiments and their short titles.
 EXPERIMENTS = {number: module.TITLE for number, module in REGISTRY.items()}

@@ -217,3 +217,25 @@ def bpd_pairs_figure(out: Path, pairs: Mapping[str, Tuple[np.ndarray, np.ndarray
     ax.set_title("Exact ODE likelihood vs the variational bound")
     ax.legend(fontsize=8)
     return _save(fig, out, name)
+
+
+# --------------------------------------------------------------------------- experiment 8
+def latent_vs_pixel(out: Path, cells: Mapping[str, dict], recon: dict, floor: dict, speedup: float, name: str) -> str:
+    """Two panels: sampling milliseconds per image of the pixel and latent models (log scale), and
+    their FID-like with 95% intervals beside the autoencoder's reconstructions and real images."""
+    plt = pyplot()
+    fig, (ax_t, ax_f) = plt.subplots(1, 2, figsize=(9.5, 3.8))
+    kinds = list(cells)
+    ms = [1e3 * cells[k]["seconds_per_image"] for k in kinds]
+    ax_t.bar(kinds, ms, color=["tab:blue", "tab:orange"][:len(kinds)])
+    ax_t.set_yscale("log")
+    ax_t.set_ylabel("ms per sampled image")
+    ax_t.set_title(f"sampling time (latent {speedup:.1f}x faster)")
+    entries = [(k, cells[k]) for k in kinds] + [("AE recon.", recon), ("real", floor)]
+    ax_f.errorbar(range(len(entries)), [e["fid"] for _, e in entries],
+                  yerr=list(_error_bars([e for _, e in entries], "fid")), fmt="o", capsize=4)
+    ax_f.set_xticks(range(len(entries)))
+    ax_f.set_xticklabels([label for label, _ in entries])
+    ax_f.set_ylabel("FID-like (95% bootstrap CI)")
+    ax_f.set_title("sample quality")
+    return _save(fig, out, name)
