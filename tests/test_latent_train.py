@@ -126,3 +126,16 @@ def test_broken_latent_runs_and_files_are_clear_errors(tmp_path, ae_folder, caps
     shutil.rmtree(run / AUTOENCODER_DIR)
     with pytest.raises(InputError, match="copy of the autoencoder.*is missing"):
         load_checkpoint(run)
+
+
+def test_eval_fid_draws_decoded_images(tmp_path, ae_folder, capsys):
+    from fastdiff.train.features import train_shapes_features
+
+    run = tmp_path / "run"
+    train(TrainConfig(out=str(run), steps=2, **dict(FAST, autoencoder=str(ae_folder))))
+    features = train_shapes_features(tmp_path / "features", steps=2, seed=0, image_size=16, dataset_size=64)
+    capsys.readouterr()
+    assert main(["eval", "fid", str(run), "--data", "shapes", "--n", "4", "--steps", "2", "--batch-size", "4",
+                 "--shapes-features", str(features), "--no-kid", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "FID:" in out and "4 generated vs 4 shapes" in out  # 16x16 images drawn, decoded, compared
