@@ -21,7 +21,7 @@ from fastdiff.testing import GaussianMixture
 from test_sampling import _check_mixture
 
 SHAPE = (2, 1, 1)  # a 2-d law laid out as 2 channels of a 1x1 image: Q mixes the channels
-DETERMINISTIC = ("ddim", "euler", "heun", "dpm_solver_2", "dpm_solver_3", "dpmpp_2m", "dpmpp_3m", "ode")
+DETERMINISTIC = ("ddim", "euler", "heun", "dpm_solver_2", "dpm_solver_3", "dpmpp_2m", "dpmpp_3m", "unipc", "ode")
 STOCHASTIC = ("ddpm", "sde", "pc")
 
 
