@@ -48,13 +48,27 @@ class _Exportable(nn.Module):
 
 
 def _reference_decompositions() -> dict:
-    """The fused forward ops -> their pure-torch references (for ops="reference")."""
-    from fastdiff.ops import attention as attn
-    from fastdiff.ops import group_norm as gn
+    """The fused forward ops -> their pure-torch references (for ops="reference"), written
+    functionally (the ops' own reference kernels fill an output in place, which a decomposition
+    may not)."""
+    import importlib
+
+    # the modules (fastdiff.ops.attention is also the name of the op's function)
+    attn = importlib.import_module("fastdiff.ops.attention")
+    gn = importlib.import_module("fastdiff.ops.group_norm")
+
+    def group_norm_silu(x, weight, bias, num_groups, eps, act):
+        y, mean, rstd = gn.group_norm_silu_reference(x, num_groups, weight, bias, eps, act)
+        stats = gn.stats_dtype(x.dtype)
+        return y.to(x.dtype), mean.to(stats), rstd.to(stats)
+
+    def attention(q, k, v, scale):
+        out, lse = attn._reference_compute(q, k, v, scale)
+        return out, lse.to(attn.stats_dtype(q.dtype))
 
     table = torch.export.default_decompositions()
-    table[torch.ops.fastdiff.group_norm_silu_fwd.default] = gn._reference_fwd
-    table[torch.ops.fastdiff.attention_fwd.default] = attn._reference_fwd
+    table[torch.ops.fastdiff.group_norm_silu_fwd.default] = group_norm_silu
+    table[torch.ops.fastdiff.attention_fwd.default] = attention
     return table
 
 
