@@ -124,10 +124,10 @@ def run_demo(out: str = "fastdiff-demo", minutes: float = 9.0, preset: Optional[
 
 
 # --------------------------------------------------------------------------- fastdiff demo --latent
-#: the demo's autoencoder (f = 4, 4 latent channels): that of tests/data/shapes32-ae
-LATENT_DEMO_AUTOENCODER = dict(block_out_channels=(32, 32, 64), latent_channels=4, norm_num_groups=8, loss="l1",
+#: the demo's autoencoder (f = 4, 8 latent channels): that of tests/data/shapes32-ae
+LATENT_DEMO_AUTOENCODER = dict(block_out_channels=(32, 32, 64), latent_channels=8, norm_num_groups=8, loss="l2",
                                batch_size=16, lr=1e-3, warmup_steps=100, ema_rate=0.999)
-#: the latent U-Net (8x8x4 latents of 32x32 images)
+#: the latent U-Net (8x8x8 latents of 32x32 images)
 LATENT_DEMO_UNET = dict(model_channels=64, channel_mult=(1, 2, 2), num_res_blocks=1, attention_resolutions=(4,),
                         num_groups=8, dropout=0.0)
 #: share of the training budget that goes to the autoencoder when none is given

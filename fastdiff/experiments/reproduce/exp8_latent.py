@@ -48,9 +48,9 @@ class LatentSettings:
     image_size: int = 32
     dataset_size: int = 10000
     autoencoder: Tuple[Tuple[str, object], ...] = (
-        ("block_out_channels", (32, 32, 64)), ("latent_channels", 4), ("norm_num_groups", 8), ("loss", "l1"),
-        ("steps", 3000), ("batch_size", 16), ("lr", 1e-3), ("warmup_steps", 100), ("lr_decay_start", 2000),
-        ("ema_rate", 0.999), ("save_every", 500))
+        ("block_out_channels", (32, 32, 64)), ("latent_channels", 8), ("norm_num_groups", 8), ("loss", "l2"),
+        ("steps", 2400), ("batch_size", 16), ("lr", 1e-3), ("warmup_steps", 100), ("lr_decay_start", 1400),
+        ("ema_rate", 0.999), ("save_every", 400))
     train_minutes: float = 12.0   # wall-clock of training steps, each diffusion model
     pixel_model: Tuple[Tuple[str, object], ...] = (
         ("model_channels", 32), ("channel_mult", (1, 2, 2, 2)), ("num_res_blocks", 1),
