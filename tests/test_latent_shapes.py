@@ -1,11 +1,11 @@
 """A latent diffusion model of the embedded 32x32 shapes, judged by an independent classifier.
 
 The model is tests/data/shapes32-latent.safetensors: a class-conditional U-Net that fastdiff trained
-(`fastdiff train --autoencoder`) on the 4x8x8 latents of an f = 4 autoencoder that `fastdiff
-train-autoencoder` trained on the same shapes (an early snapshot of another run than the one
-shipped as tests/data/shapes32-ae: see the JSON), with label dropout for classifier-free guidance, exported by `fastdiff export` with
-that autoencoder in the same file; tests/data/shapes32-latent.json records the commands and the run.
-Training takes tens of CPU minutes, too long for every CI run, so the weights are shipped. What this
+(`fastdiff train --autoencoder`) on the 8x8x8 latents of the shipped f = 4 autoencoder
+tests/data/shapes32-ae (trained by `fastdiff train-autoencoder` on the same shapes, 32.2 dB), with
+label dropout for classifier-free guidance, exported by `fastdiff export` with that autoencoder in the
+same file; tests/data/shapes32-latent.json records the commands and the run.
+Training takes 8 minutes on an idle 2-core CPU (tens under load), too long for every CI run, so the weights are shipped. What this
 test checks is what a user gets: sampled as latents at the model's default guidance scale and
 decoded, the requested class comes out.
 
@@ -45,7 +45,7 @@ def model():
     model, info = load_model(MODEL)
     assert isinstance(model, LatentDiffusionModel)  # the export holds the U-Net and its autoencoder
     assert model.num_classes == len(SHAPE_CLASSES)
-    assert model.sample_shape == (4, 8, 8) and model.image_shape == (3, 32, 32)
+    assert model.sample_shape == (8, 8, 8) and model.image_shape == (3, 32, 32)
     return model
 
 
