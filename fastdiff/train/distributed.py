@@ -87,5 +87,9 @@ def gather_rows(rows: torch.Tensor, world: int, device: torch.device) -> torch.T
 
 
 def teardown(world: int) -> None:
+    """Destroy the process group with every rank at the same point: a rank that tore down while
+    rank 0 still worked alone (writing the report) was seen to abort at exit ("terminate called
+    without an active exception", SIGABRT) in a clean CI run of tests/test_distributed_eval.py."""
     if world > 1 and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
