@@ -50,6 +50,7 @@ from fastdiff.train.checkpoint import (CHECKPOINT_JSON, MAX_RECORD_BYTES, check_
                                        unflatten_optimizer)
 from fastdiff.train.config import MAX_IMAGE_SIZE, _type_ok, step_seed
 from fastdiff.train.ema import ema_update
+from fastdiff.train.steps import run_steps
 
 FORMAT = "fastdiff-autoencoder-checkpoint-1"
 LOSSES = ("l1", "l2")
@@ -366,6 +367,21 @@ class _AERun:
     def log(self, msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
+    # what run_steps needs beside optimize and checkpoint
+    def progress_bar(self):
+        if not self.config.progress:
+            return None
+        from tqdm.auto import tqdm
+        return tqdm(total=self.config.steps, initial=self.start_step, desc="train-autoencoder", dynamic_ncols=True,
+                    mininterval=1.0)
+
+    def out_of_time(self, t_start: float) -> bool:
+        budget = self.config.max_minutes
+        return budget is not None and time.time() - t_start > 60.0 * budget
+
+    def after_step(self, step: int) -> None:
+        pass  # reconstructions are drawn with each checkpoint
+
     def _setup(self, config: AutoencoderConfig) -> None:
         record = self._read_record(config)
         if record is not None:
@@ -653,41 +669,8 @@ def train_autoencoder(config: AutoencoderConfig) -> AutoencoderResult:
 
 
 def _train(run: _AERun) -> AutoencoderResult:
-    config = run.config
-    status, message, step = "done", "", run.start_step
-    t_start, timed_from = time.time(), None
-    bar = _progress_bar(run)
-    try:
-        while step < config.steps:
-            if step - run.start_step == 2:
-                timed_from = (time.time(), step)  # leave the first two (warm-up) steps out of the rate
-            failed = run.optimize(step)
-            if failed:
-                run.nonfinite += 1
-                run.log(f"step {step}: non-finite {failed}, step skipped ({run.nonfinite} so far, stopping above "
-                        f"{config.max_nonfinite})")
-            step += 1
-            if bar is not None:
-                bar.update(1)
-                if step % config.log_every == 0 and run.losses:
-                    bar.set_postfix(loss=f"{np.mean([l for _, l in run.losses[-config.log_every:]]):.4f}")
-            if run.nonfinite > config.max_nonfinite:
-                status = "nonfinite"
-                break
-            if config.max_minutes is not None and time.time() - t_start > 60 * config.max_minutes \
-                    and step < config.steps:
-                status, message = "time", f"stopped at step {step}: the {config.max_minutes} minute budget ran out"
-                break
-            if step % config.save_every == 0 and step < config.steps and not failed:
-                if run.checkpoint(step) is None:
-                    status = "nonfinite"
-                    break
-    finally:
-        if bar is not None:
-            bar.close()
-    elapsed = time.time() - t_start
-    rate = (step - timed_from[1]) / max(time.time() - timed_from[0], 1e-9) if timed_from else \
-        (step - run.start_step) / max(elapsed, 1e-9)
+    outcome = run_steps(run)
+    step, status, message = outcome.step, outcome.status, outcome.message
     result = None if status == "nonfinite" else run.checkpoint(step)
     if result is None:
         status = "nonfinite"
@@ -699,12 +682,5 @@ def _train(run: _AERun) -> AutoencoderResult:
         last = result
     return AutoencoderResult(step=step, status=status, message=message, out=str(run.out),
                              psnr_db=float(last["psnr_db"]), scaling_factor=float(last["scaling_factor"]),
-                             seconds=elapsed, steps_per_s=rate, losses=run.losses)
+                             seconds=outcome.seconds, steps_per_s=outcome.steps_per_s, losses=run.losses)
 
-
-def _progress_bar(run: _AERun):
-    if not run.config.progress:
-        return None
-    from tqdm.auto import tqdm
-    return tqdm(total=run.config.steps, initial=run.start_step, desc="train-autoencoder", dynamic_ncols=True,
-                mininterval=1.0)

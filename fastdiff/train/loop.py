@@ -39,6 +39,7 @@ from fastdiff.train.config import (TrainConfig, TrainResult, build_continuous_lo
                                    ema_rate_at, lr_at, merge_resumed, step_seed)
 from fastdiff.train.ema import ema_update
 from fastdiff.train.latent import prepare_latents
+from fastdiff.train.steps import run_steps
 
 # An exploding loss is judged against the median of the last [1] accepted losses, once there
 # are at least [0] of them.
@@ -373,6 +374,10 @@ class _Run:
         total = config.steps if config.max_minutes is None or config.steps < 10 ** 6 else None
         return tqdm(total=total, initial=self.start_step, desc="train", dynamic_ncols=True, mininterval=1.0)
 
+    def after_step(self, step: int) -> None:
+        if self.config.sample_every and step % self.config.sample_every == 0:
+            self.samples(step)
+
     def out_of_time(self, t_start: float) -> bool:
         budget = self.config.max_minutes
         stop = budget is not None and time.time() - t_start > 60.0 * budget
@@ -402,47 +407,10 @@ def _stop_message(run: _Run, step: int) -> str:
 
 def _train(run: _Run) -> TrainResult:
     config = run.config  # a resumed run continues with its recorded settings
-    status, message = "done", ""
-    t_start = time.time()
-    timer = _StepTimer(run.start_step)
-    step = run.start_step
-    bar = run.progress_bar()
     run.model.train()
-    save_due = False
-    try:
-        while step < config.steps:
-            timer.tick(step)
-            failed = run.optimize(step)
-            if failed:
-                run.nonfinite += 1
-                what = failed if failed.startswith("exploding") else f"non-finite {failed}"
-                run.log(f"step {step}: {what}, step skipped ({run.nonfinite} so far, stopping above "
-                        f"{config.max_nonfinite})")
-            step += 1
-            if bar is not None:
-                bar.update(1)
-                if step % config.log_every == 0 and run.losses:
-                    bar.set_postfix(loss=f"{np.mean([l for _, l in run.losses[-config.log_every:]]):.4f}")
-            if run.nonfinite > config.max_nonfinite:
-                status = "nonfinite"
-                break
-            if run.out_of_time(t_start) and step < config.steps:
-                status, message = "time", f"stopped at step {step}: the {config.max_minutes} minute budget ran out"
-                break
-            # a checkpoint falling just after a skipped step waits for a step that went well
-            save_due = save_due or step % config.save_every == 0
-            if save_due and not failed and step < config.steps:
-                save_due = False
-                if not run.checkpoint(step):
-                    status = "nonfinite"
-                    break
-            if config.sample_every and step % config.sample_every == 0 and step < config.steps:
-                run.samples(step)
-    finally:
-        if bar is not None:
-            bar.close()
-    elapsed = time.time() - t_start
-    steps_per_s = timer.rate(step, elapsed)
+    outcome = run_steps(run)
+    step, status, message = outcome.step, outcome.status, outcome.message
+    elapsed, steps_per_s = outcome.seconds, outcome.steps_per_s
     if status == "nonfinite" or not run.checkpoint(step):
         # the weights since the last checkpoint are not trusted: that record stays the run's
         status = "nonfinite"
@@ -460,25 +428,6 @@ def _train(run: _Run) -> TrainResult:
     return TrainResult(step=step, status=status, message=message, out=str(run.out), losses=run.losses,
                        nonfinite_skipped=run.nonfinite, steps_per_s=steps_per_s,
                        samples_per_s=steps_per_s * config.batch_size * run.world, seconds=elapsed)
-
-
-class _StepTimer:
-    """Steps per second, leaving out the first two (warm-up) steps of the run."""
-
-    def __init__(self, start_step: int):
-        self.start_step, self.t0, self.steps = start_step, None, 0
-
-    def tick(self, step: int) -> None:
-        if self.t0 is None and step - self.start_step == 2:
-            self.t0, self.steps = time.time(), 0
-        self.steps += 1
-
-    def rate(self, step: int, elapsed: float) -> float:
-        if self.t0 is not None:
-            timed = time.time() - self.t0
-            if timed > 0 and self.steps:
-                return self.steps / timed
-        return (step - self.start_step) / max(elapsed, 1e-9)
 
 
 def _dump_weights_for_tests(run: _Run) -> None:
