@@ -13,17 +13,13 @@ sees a generated image and shares nothing with the diffusion model but the data'
 """
 from pathlib import Path
 
-import numpy as np
 import pytest
-import torch
 from PIL import Image
 
-import fastdiff
 from fastdiff.data import SHAPE_CLASSES
-from fastdiff.metrics import load_shapes_features
-from fastdiff.train.features import train_shapes_features
 from fastdiff.image_utils import save_image_grid
 from fastdiff.interop import load_model
+from shapes_judge import judged_accuracy, train_judge
 
 MODEL = Path(__file__).parent / "data" / "shapes16-cfg.safetensors"
 PER_CLASS = 20
@@ -31,12 +27,7 @@ PER_CLASS = 20
 
 @pytest.fixture(scope="module")
 def judge(tmp_path_factory):
-    out = train_shapes_features(tmp_path_factory.mktemp("judge"), steps=1000, seed=1, image_size=16,
-                                dataset_size=4000)
-    judge = load_shapes_features(out)
-    # the judge itself must be good on held-out real images, or its verdicts mean little
-    assert judge.record["held_out_accuracy"] >= 0.95, judge.record
-    return judge
+    return train_judge(tmp_path_factory.mktemp("judge"), image_size=16, steps=1000)
 
 
 @pytest.fixture(scope="module")
@@ -47,12 +38,7 @@ def model():
 
 
 def _accuracy(judge, model, guidance_scale=None):
-    labels = torch.arange(PER_CLASS * model.num_classes) // PER_CLASS  # row k of a grid: class k
-    x = fastdiff.sample(model, n=len(labels), steps=50, eta=0.0, seed=7, y=labels, guidance_scale=guidance_scale)
-    with torch.no_grad():
-        predicted = judge.cnn(judge.prepare(x)).argmax(1)
-    correct = (predicted == labels).float()
-    return x, correct.mean().item(), correct.view(model.num_classes, PER_CLASS).mean(1)
+    return judged_accuracy(judge, model, PER_CLASS, guidance_scale)
 
 
 @pytest.fixture(scope="module")

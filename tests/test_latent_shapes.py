@@ -16,14 +16,11 @@ reconstructed image and shares nothing with the model under test but the data's 
 from pathlib import Path
 
 import pytest
-import torch
 
-import fastdiff
 from fastdiff.data import SHAPE_CLASSES
 from fastdiff.interop import load_model
-from fastdiff.metrics import load_shapes_features
 from fastdiff.models import LatentDiffusionModel
-from fastdiff.train.features import train_shapes_features
+from shapes_judge import judged_accuracy, train_judge
 
 MODEL = Path(__file__).parent / "data" / "shapes32-latent.safetensors"
 PER_CLASS = 20
@@ -32,12 +29,7 @@ JUDGE_STEPS = 600
 
 @pytest.fixture(scope="module")
 def judge(tmp_path_factory):
-    out = train_shapes_features(tmp_path_factory.mktemp("judge32"), steps=JUDGE_STEPS, seed=1, image_size=32,
-                                dataset_size=4000)
-    judge = load_shapes_features(out)
-    # the judge itself must be good on held-out real images, or its verdicts mean little
-    assert judge.record["held_out_accuracy"] >= 0.95, judge.record
-    return judge
+    return train_judge(tmp_path_factory.mktemp("judge32"), image_size=32, steps=JUDGE_STEPS)
 
 
 @pytest.fixture(scope="module")
@@ -50,13 +42,9 @@ def model():
 
 
 def _accuracy(judge, model, guidance_scale=None):
-    labels = torch.arange(PER_CLASS * model.num_classes) // PER_CLASS
-    x = fastdiff.sample(model, n=len(labels), steps=50, eta=0.0, seed=7, y=labels, guidance_scale=guidance_scale)
-    assert x.shape == (len(labels), 3, 32, 32)  # decoded images, not latents
-    with torch.no_grad():
-        predicted = judge.cnn(judge.prepare(x.clamp(-1, 1))).argmax(1)
-    correct = (predicted == labels).float()
-    return correct.mean().item(), correct.view(model.num_classes, PER_CLASS).mean(1)
+    x, accuracy, per_class = judged_accuracy(judge, model, PER_CLASS, guidance_scale)
+    assert x.shape == (len(x), 3, 32, 32)  # decoded images, not latents
+    return accuracy, per_class
 
 
 @pytest.fixture(scope="module")

@@ -96,6 +96,39 @@ def settings_of(run: Run) -> LatentSettings:
     return EXP8_FULL if run.settings.name == "full" else EXP8_QUICK
 
 
+def train_config(s: LatentSettings, kind: str, folder: Path, seed: int, progress: bool = False):
+    """The TrainConfig of the `kind` ("pixel" or "latent") model, trained into folder/kind (the
+    latent one on the autoencoder in folder/autoencoder) for the wall-clock budget."""
+    from fastdiff.train import TrainConfig
+
+    model = dict(s.latent_model if kind == "latent" else s.pixel_model)
+    return TrainConfig(data="shapes", out=str(folder / kind), steps=10 ** 9, preset="tiny", model=model,
+                       batch_size=s.batch_size, seed=seed, image_size=s.image_size,
+                       dataset_size=s.dataset_size, lr=s.lr, warmup_steps=s.warmup_steps, ema_rate=s.ema_rate,
+                       schedule=s.schedule, T=s.T, prediction=s.prediction, save_every=10 ** 9,
+                       sample_at_end=False, sample_steps=min(s.sample_steps, s.T), overwrite=True,
+                       max_minutes=s.train_minutes, progress=progress, log_every=10,
+                       autoencoder=str(folder / "autoencoder") if kind == "latent" else None)
+
+
+def untrained_networks(s: LatentSettings, seed: int = 0) -> Tuple[torch.nn.Module, torch.nn.Module]:
+    """The pixel U-Net and the latent model (its U-Net + the f = 4 autoencoder) that the experiment
+    compares, freshly initialised: the same networks at the same sizes, for timing them
+    (bench/bench_latent.py) without training."""
+    from fastdiff.models import LatentDiffusionModel
+    from fastdiff.train.autoencoder import AutoencoderConfig, build_autoencoder
+    from fastdiff.train.config import build_model
+
+    torch.manual_seed(seed)
+    ae_config = AutoencoderConfig(data="shapes", out="", image_size=s.image_size, **dict(s.autoencoder))
+    autoencoder = build_autoencoder(ae_config, channels=3).eval()
+    f = ae_config.downsampling_factor
+    pixel = build_model(train_config(s, "pixel", Path(), seed), in_channels=3, num_classes=None).eval()
+    unet = build_model(train_config(s, "latent", Path(), seed), in_channels=ae_config.latent_channels,
+                       num_classes=None, image_size=s.image_size // f).eval()
+    return pixel, LatentDiffusionModel(unet, autoencoder)
+
+
 class _Exp8:
     """Experiment 8's models and measurements, cached in `run` under keys holding the settings hash."""
 
@@ -165,17 +198,7 @@ class _Exp8:
 
     # -- the two diffusion models -----------------------------------------------------------
     def train_config(self, kind: str):
-        from fastdiff.train import TrainConfig
-
-        s = self.s
-        model = dict(s.latent_model if kind == "latent" else s.pixel_model)
-        return TrainConfig(data="shapes", out=str(self.folder / kind), steps=10 ** 9, preset="tiny", model=model,
-                           batch_size=s.batch_size, seed=self.run.seed, image_size=s.image_size,
-                           dataset_size=s.dataset_size, lr=s.lr, warmup_steps=s.warmup_steps, ema_rate=s.ema_rate,
-                           schedule=s.schedule, T=s.T, prediction=s.prediction, save_every=10 ** 9,
-                           sample_at_end=False, sample_steps=min(s.sample_steps, s.T), overwrite=True,
-                           max_minutes=s.train_minutes, progress=self.run.progress, log_every=10,
-                           autoencoder=str(self.folder / "autoencoder") if kind == "latent" else None)
+        return train_config(self.s, kind, self.folder, self.run.seed, self.run.progress)
 
     def trained(self, kind: str) -> dict:
         """Train `kind` ("pixel" or "latent") for the wall-clock budget (from scratch: a budget is
