@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import fastdiff
 from fastdiff.cli import main
 
 # Subprocesses import the installed fastdiff: they run outside the source tree, whose
@@ -98,3 +99,20 @@ def test_demo_with_a_seconds_long_budget(tmp_path, capsys):
     for f in ("samples.png", "samples.npz", "loss.png", "README.md"):
         assert (tmp_path / f).exists(), f
     assert "fastdiff demo: done" in capsys.readouterr().out
+
+
+def test_latent_demo_trains_its_autoencoder_and_samples_through_it(tmp_path, capsys):
+    # without --autoencoder: an autoencoder for 40% of the budget, then the latent U-Net
+    t0 = time.time()
+    assert main(["demo", "--latent", "--out", str(tmp_path), "--minutes", "1", "--n", "10", "--dataset-size", "200",
+                 "--threads", "1"]) == 0
+    elapsed = time.time() - t0
+    assert elapsed < 60 + 45, elapsed  # the budget holds (with slack for a loaded machine)
+    speed = json.loads((tmp_path / "speed.json").read_text())
+    assert speed["latent_shape"] == [8, 8, 8] and speed["train_steps"] >= 1
+    assert speed["autoencoder"] == str(tmp_path / "autoencoder")
+    model, _ = fastdiff.load_model(tmp_path / "latent")
+    assert model.sample_shape == (8, 8, 8) and model.default_guidance_scale > 0
+    # one row of ten decoded 32x32 images (2-pixel borders), the grid scaled 3x
+    assert Image.open(tmp_path / "samples.png").size == (3 * (2 + 10 * 34), 3 * (2 + 34))
+    assert "fastdiff demo --latent: done" in capsys.readouterr().out

@@ -4,7 +4,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from fastdiff.train.steps import run_steps
+from fastdiff.train.steps import run_steps, step_progress_bar
 
 
 class ScriptedRun:
@@ -83,6 +83,16 @@ def test_the_time_budget_stops_the_run():
     out = run_steps(run)
     assert out.status == "time" and out.step == 5
     assert out.message == "stopped at step 5: the 1.0 minute budget ran out"
+
+
+def test_a_run_bounded_by_the_clock_has_no_step_total():
+    # the demos run steps=10**7 under max_minutes: a bar with that total would show an ETA of days
+    bar = step_progress_bar(SimpleNamespace(steps=10 ** 7, max_minutes=9.0), 0, "train")
+    assert bar.total is None
+    bar.close()
+    bar = step_progress_bar(SimpleNamespace(steps=100, max_minutes=None), 5, "train-autoencoder")
+    assert (bar.total, bar.n) == (100, 5)
+    bar.close()
 
 
 @pytest.mark.parametrize("trainer", ["train", "train_autoencoder"])

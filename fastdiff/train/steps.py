@@ -101,6 +101,15 @@ def run_steps(run: SteppedRun) -> StepsOutcome:
                         steps_per_s=timer.rate(step, elapsed))
 
 
+def step_progress_bar(config, start_step: int, desc: str):
+    """A tqdm bar over the run's steps; a run bounded by the clock (the demos: steps = 10**7 and
+    max_minutes) has no meaningful step total, so its bar counts steps without one."""
+    from tqdm.auto import tqdm
+
+    total = config.steps if config.max_minutes is None or config.steps < 10 ** 6 else None
+    return tqdm(total=total, initial=start_step, desc=desc, dynamic_ncols=True, mininterval=1.0)
+
+
 class _StepTimer:
     """Steps per second, leaving out the first two (warm-up) steps of the run."""
 

@@ -154,9 +154,11 @@ class _Exp8:
             if not (folder / SHAPES_RECORD).exists():
                 self.run.log(f"[experiment 8] training the {self.s.image_size}x{self.s.image_size} shapes feature "
                              f"network ({self.s.feature_steps} steps)")
+                t0 = time.time()
                 train_shapes_features(folder, steps=self.s.feature_steps, seed=self.run.seed,
                                       image_size=self.s.image_size, dataset_size=self.s.feature_dataset_size,
                                       progress=self.run.progress)
+                self.run.add_training_time("exp8 shapes features", time.time() - t0)
             self._features = load_shapes_features(folder)
         return self._features
 
@@ -188,6 +190,7 @@ class _Exp8:
                                        dataset_size=s.dataset_size, resume=True, progress=self.run.progress,
                                        eval_n=min(256, s.n_ref), **dict(s.autoencoder))
             result = train_autoencoder(config)
+            self.run.add_training_time("exp8 autoencoder", result.seconds)
             if result.status != "done":
                 raise RuntimeError(f"training the autoencoder stopped: {result.message}")
             return {"psnr_db": result.psnr_db, "scaling_factor": result.scaling_factor, "steps": result.step,
@@ -213,6 +216,7 @@ class _Exp8:
             t0 = time.time()
             result = train(config)
             total = time.time() - t0
+            self.run.add_training_time(f"exp8 {kind}", result.seconds)
             if result.status not in ("done", "time"):
                 raise RuntimeError(f"training the {kind} model stopped: {result.message}")
             return {"kind": kind, "steps": result.step, "train_seconds": result.seconds,

@@ -186,7 +186,7 @@ class Run:
                 train_shapes_features(folder, steps=s.feature_steps, seed=self.seed, image_size=s.image_size,
                                       dataset_size=s.feature_dataset_size, progress=self.progress)
                 self.log(f"  done in {time.time() - t0:.0f}s")
-                self._add_training_time("shapes features", time.time() - t0)
+                self.add_training_time("shapes features", time.time() - t0)
             self._features = load_shapes_features(folder)
         return self._features
 
@@ -229,7 +229,7 @@ class Run:
                 if result.status != "done":
                     raise RuntimeError(f"training {name} stopped: {result.message}")
                 self.log(f"  {name}: {result.step} steps at {result.steps_per_s:.2f} steps/s")
-                self._add_training_time(name, result.seconds)
+                self.add_training_time(name, result.seconds)
             self._models[name] = load_checkpoint(config.out, ema=True)[0]
         return self._models[name]
 
@@ -245,7 +245,7 @@ class Run:
             losses.append(rec["loss"])
         return np.asarray(steps), np.asarray(losses)
 
-    def _add_training_time(self, name: str, seconds: float) -> None:
+    def add_training_time(self, name: str, seconds: float) -> None:
         path = self.cache / "training-times.json"
         times = json.loads(path.read_text()) if path.exists() else {}
         times[name] = times.get(name, 0.0) + seconds
