@@ -14,6 +14,7 @@ import torch
 import fastdiff
 from fastdiff.models.unet import UNet
 from fastdiff.optimization import OptimizedModel, native_bf16
+from test_sampling import _check_mixture
 
 MODEL = Path(__file__).parent / "data" / "shapes16-cfg.safetensors"
 
@@ -197,29 +198,6 @@ class _Bf16Oracle(torch.nn.Module):
         return self.oracle(x.bfloat16().float(), t, **kw).bfloat16().float()
 
 
-def _check_law(mix, x, allowance: float):
-    """tests/test_sampling.py's mixture check (weights, means, covariances of the samples
-    assigned to each component, at 5 standard errors), with a per-sample perturbation of at most
-    `allowance` added: it moves a mean by <= a and a covariance entry by <= 2 a sigma_max + a^2."""
-    import math
-
-    n = x.shape[0]
-    resp = mix.responsibilities(x)
-    label = resp.argmax(1)
-    assert (resp.max(1).values > 0.99).float().mean() > 0.97
-    for k in range(len(mix.weights)):
-        w = mix.weights[k].item()
-        assert abs((label == k).double().mean().item() - w) < 5 * math.sqrt(w * (1 - w) / n)
-        xs = x[label == k].double()
-        cov = mix.covariances[k]
-        sigma_max = cov.diagonal().max().sqrt().item()
-        se_mean = (cov.diagonal() / xs.shape[0]).sqrt()
-        assert ((xs.mean(0) - mix.means[k]).abs() < 5 * se_mean + 2e-3 + allowance).all(), k
-        se_cov = ((cov ** 2 + torch.outer(cov.diagonal(), cov.diagonal())) / xs.shape[0]).sqrt()
-        cov_allowance = 2 * allowance * sigma_max + allowance ** 2
-        assert ((torch.cov(xs.T) - cov).abs() < 5 * se_cov + 2e-4 + cov_allowance).all(), k
-
-
 @pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
 def test_oracle_samplers_reproduce_the_mixture_through_bf16(sampler):
     """The oracle kit's mixture test with a bf16 network. The tolerance comes from bf16's unit
@@ -243,4 +221,4 @@ def test_oracle_samplers_reproduce_the_mixture_through_bf16(sampler):
     moved = (x16 - x32).abs().amax(1)
     assert moved.max() > 0  # bf16 really rounded
     assert torch.quantile(moved, 0.99) <= allowance, (torch.quantile(moved, 0.99).item(), allowance)
-    _check_law(mix, x16, allowance)
+    _check_mixture(mix, x16, allowance)

@@ -48,9 +48,11 @@ def test_respacing_keeps_alphas_cumprod_and_maps_timesteps(linear):
 
 
 # --------------------------------------------------------------------------- mixture
-def _check_mixture(mix: GaussianMixture, x: torch.Tensor):
+def _check_mixture(mix: GaussianMixture, x: torch.Tensor, allowance: float = 0.0):
     """Weights, means and covariances of samples assigned to components, against the
-    law's own, with tolerances from the standard errors (n = len(x))."""
+    law's own, with tolerances from the standard errors (n = len(x)). `allowance`: a bound on
+    a per-sample perturbation of the samples (a low-precision network's rounding), which moves
+    a mean by <= a and a covariance entry by <= 2 a sigma_max + a^2."""
     n = x.shape[0]
     resp = mix.responsibilities(x)
     label = resp.argmax(1)
@@ -64,11 +66,13 @@ def _check_mixture(mix: GaussianMixture, x: torch.Tensor):
         nk = xs.shape[0]
         cov = mix.covariances[k]
         se_mean = (cov.diagonal() / nk).sqrt()
-        assert ((xs.mean(0) - mix.means[k]).abs() < 5 * se_mean + 2e-3).all(), (k, xs.mean(0), mix.means[k])
+        assert ((xs.mean(0) - mix.means[k]).abs() < 5 * se_mean + 2e-3 + allowance).all(), \
+            (k, xs.mean(0), mix.means[k])
         emp = torch.cov(xs.T)
         # sd of a sample covariance entry: sqrt((S_ij^2 + S_ii S_jj) / n)
         se_cov = ((cov ** 2 + torch.outer(cov.diagonal(), cov.diagonal())) / nk).sqrt()
-        assert ((emp - cov).abs() < 5 * se_cov + 2e-4).all(), (k, emp, cov)
+        cov_allowance = 2 * allowance * cov.diagonal().max().sqrt().item() + allowance ** 2
+        assert ((emp - cov).abs() < 5 * se_cov + 2e-4 + cov_allowance).all(), (k, emp, cov)
 
 
 @pytest.mark.parametrize("sampler, prediction", [("ddim", "eps"), ("ddpm", "eps"), ("ddim", "v"), ("ddpm", "x0")])

@@ -26,6 +26,19 @@ from fastdiff.train import TrainConfig, build_diffusion, load_checkpoint, train
 DDIM_STEPS = 50
 
 
+def _class_grid(model, n: int, seed: int, path: Path, scale: int):
+    """n DDIM-50 samples at the model's default guidance, sample i of class (i // C) % C (C classes), saved
+    as a grid with one row per class; (samples, labels, seconds of sampling)."""
+    num_classes = len(SHAPE_CLASSES)
+    labels = (torch.arange(n) // num_classes) % num_classes
+    t0 = time.time()
+    x = sample(model, n=n, steps=DDIM_STEPS, eta=0.0, seed=seed, y=labels, guidance_scale=model.default_guidance_scale,
+               progress=True)
+    seconds = time.time() - t0
+    save_image_grid(x, path, nrow=min(num_classes, n), scale=scale)
+    return x, labels, seconds
+
+
 def _sampling_seconds(config: TrainConfig, n: int, num_classes: int) -> tuple:
     """(estimated seconds of the final DDIM-50 grid, parameter count): one sampling forward
     pass of the real network at the grid's batch, timed, x 50 steps x 1.5, plus a margin."""
@@ -97,12 +110,8 @@ def run_demo(out: str = "fastdiff-demo", minutes: float = 9.0, preset: Optional[
     print(f"fastdiff demo: {result.step} steps at {result.steps_per_s:.2f} steps/s "
           f"({result.samples_per_s:.1f} images/s); sampling...", flush=True)
     model, _ = load_checkpoint(out_dir, ema=True)
-    labels = (torch.arange(n) // num_classes) % num_classes  # one column per class: row k shows class k
-    t0 = time.time()
     w = model.default_guidance_scale
-    x = sample(model, n=n, steps=DDIM_STEPS, eta=0.0, seed=seed, y=labels, guidance_scale=w, progress=True)
-    sample_seconds = time.time() - t0
-    save_image_grid(x, out_dir / "samples.png", nrow=min(num_classes, n), scale=max(2, 96 // image_size))
+    x, labels, sample_seconds = _class_grid(model, n, seed, out_dir / "samples.png", scale=max(2, 96 // image_size))
     np.savez(out_dir / "samples.npz", images=to_uint8(x).permute(0, 2, 3, 1).numpy(), labels=labels.numpy())
     total = time.time() - t_begin
     speed = {
@@ -184,13 +193,7 @@ def run_latent_demo(out: str = "fastdiff-demo-latent", minutes: float = 9.0, aut
           f"{train_seconds / 60:.1f} min into {config.out}", flush=True)
     result = train(config)
     model, _ = load_checkpoint(config.out, ema=True)
-    num_classes = len(SHAPE_CLASSES)
-    labels = (torch.arange(n) // num_classes) % num_classes
-    t0 = time.time()
-    x = sample(model, n=n, steps=DDIM_STEPS, eta=0.0, seed=seed, y=labels, guidance_scale=model.default_guidance_scale,
-               progress=True)
-    sample_seconds = time.time() - t0
-    save_image_grid(x, out_dir / "samples.png", nrow=min(num_classes, n), scale=3)
+    _, _, sample_seconds = _class_grid(model, n, seed, out_dir / "samples.png", scale=3)
     speed = {"autoencoder": autoencoder, "latent_shape": list(model.sample_shape), "train_steps": result.step,
              "train_seconds": round(result.seconds, 1), "train_steps_per_s": round(result.steps_per_s, 3),
              "sample_images": n, "sample_seconds": round(sample_seconds, 1),

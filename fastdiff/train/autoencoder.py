@@ -50,7 +50,7 @@ from fastdiff.train.checkpoint import (CHECKPOINT_JSON, MAX_RECORD_BYTES, check_
                                        unflatten_optimizer)
 from fastdiff.train.config import MAX_IMAGE_SIZE, _type_ok, step_seed
 from fastdiff.train.ema import ema_update
-from fastdiff.train.steps import run_steps, step_progress_bar
+from fastdiff.train.steps import budget_spent, run_steps, step_progress_bar
 
 FORMAT = "fastdiff-autoencoder-checkpoint-1"
 LOSSES = ("l1", "l2")
@@ -374,8 +374,7 @@ class _AERun:
         return step_progress_bar(self.config, self.start_step, "train-autoencoder")
 
     def out_of_time(self, t_start: float) -> bool:
-        budget = self.config.max_minutes
-        return budget is not None and time.time() - t_start > 60.0 * budget
+        return budget_spent(self.config, t_start)
 
     def after_step(self, step: int) -> None:
         pass  # reconstructions are drawn with each checkpoint
@@ -681,4 +680,3 @@ def _train(run: _AERun) -> AutoencoderResult:
     return AutoencoderResult(step=step, status=status, message=message, out=str(run.out),
                              psnr_db=float(last["psnr_db"]), scaling_factor=float(last["scaling_factor"]),
                              seconds=outcome.seconds, steps_per_s=outcome.steps_per_s, losses=run.losses)
-

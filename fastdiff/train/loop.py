@@ -18,7 +18,6 @@ import json
 import math
 import os
 import sys
-import time
 from pathlib import Path
 from typing import List, Optional, Tuple
 
@@ -39,7 +38,7 @@ from fastdiff.train.config import (TrainConfig, TrainResult, build_continuous_lo
                                    ema_rate_at, lr_at, merge_resumed, step_seed)
 from fastdiff.train.ema import ema_update
 from fastdiff.train.latent import prepare_latents
-from fastdiff.train.steps import run_steps, step_progress_bar
+from fastdiff.train.steps import budget_spent, run_steps, step_progress_bar
 
 # An exploding loss is judged against the median of the last [1] accepted losses, once there
 # are at least [0] of them.
@@ -375,9 +374,8 @@ class _Run:
             self.samples(step)
 
     def out_of_time(self, t_start: float) -> bool:
-        budget = self.config.max_minutes
-        stop = budget is not None and time.time() - t_start > 60.0 * budget
-        return distributed.from_rank0(stop, self.world, self.device)
+        # rank 0's clock decides, so every rank stops at the same step
+        return distributed.from_rank0(budget_spent(self.config, t_start), self.world, self.device)
 
 
 def train(config: TrainConfig) -> TrainResult:

@@ -101,6 +101,11 @@ def run_steps(run: SteppedRun) -> StepsOutcome:
                         steps_per_s=timer.rate(step, elapsed))
 
 
+def budget_spent(config, t_start: float) -> bool:
+    """Whether the run's wall-clock budget (config.max_minutes from t_start) has run out."""
+    return config.max_minutes is not None and time.time() - t_start > 60.0 * config.max_minutes
+
+
 def step_progress_bar(config, start_step: int, desc: str):
     """A tqdm bar over the run's steps; a run bounded by the clock (the demos: steps = 10**7 and
     max_minutes) has no meaningful step total, so its bar counts steps without one."""

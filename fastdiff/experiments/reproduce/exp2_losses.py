@@ -2,7 +2,7 @@
 bits/dim and sample quality (Nichol & Dhariwal 2021, §3.1–3.3; thesis §3.1, Eqs. 102–103)."""
 from __future__ import annotations
 
-from typing import Dict, List, Tuple
+from typing import List, Tuple
 
 from fastdiff.experiments.reproduce import plots
 from fastdiff.experiments.reproduce.report import Section, fmt_ci, model_line, sign_verdict, table, train_line

@@ -147,19 +147,9 @@ class _Exp8:
 
     def features(self):
         if self._features is None:
-            from fastdiff.metrics.features import SHAPES_RECORD, load_shapes_features
-            from fastdiff.train.features import train_shapes_features
-
-            folder = self.folder / "features32"
-            if not (folder / SHAPES_RECORD).exists():
-                self.run.log(f"[experiment 8] training the {self.s.image_size}x{self.s.image_size} shapes feature "
-                             f"network ({self.s.feature_steps} steps)")
-                t0 = time.time()
-                train_shapes_features(folder, steps=self.s.feature_steps, seed=self.run.seed,
-                                      image_size=self.s.image_size, dataset_size=self.s.feature_dataset_size,
-                                      progress=self.run.progress)
-                self.run.add_training_time("exp8 shapes features", time.time() - t0)
-            self._features = load_shapes_features(folder)
+            s = self.s
+            self._features = self.run.trained_features(self.folder / "features32", s.image_size, s.feature_steps,
+                                                       s.feature_dataset_size, "exp8 shapes features")
         return self._features
 
     def reference(self) -> Tuple[np.ndarray, np.ndarray]:

@@ -175,20 +175,25 @@ class Run:
 
     def features(self):
         if self._features is None:
-            from fastdiff.metrics.features import SHAPES_RECORD, load_shapes_features
-            from fastdiff.train.features import train_shapes_features
-
-            folder = self.out / "features"
             s = self.settings
-            if not (folder / SHAPES_RECORD).exists():
-                self.log(f"training the shapes feature network ({s.feature_steps} steps) into {folder}")
-                t0 = time.time()
-                train_shapes_features(folder, steps=s.feature_steps, seed=self.seed, image_size=s.image_size,
-                                      dataset_size=s.feature_dataset_size, progress=self.progress)
-                self.log(f"  done in {time.time() - t0:.0f}s")
-                self.add_training_time("shapes features", time.time() - t0)
-            self._features = load_shapes_features(folder)
+            self._features = self.trained_features(self.out / "features", s.image_size, s.feature_steps,
+                                                   s.feature_dataset_size, "shapes features")
         return self._features
+
+    def trained_features(self, folder: Path, image_size: int, steps: int, dataset_size: int, name: str):
+        """The shapes feature network in `folder`, trained there first (its time recorded under
+        `name`) unless an earlier invocation did."""
+        from fastdiff.metrics.features import SHAPES_RECORD, load_shapes_features
+        from fastdiff.train.features import train_shapes_features
+
+        if not (folder / SHAPES_RECORD).exists():
+            self.log(f"training the {image_size}x{image_size} shapes feature network ({steps} steps) into {folder}")
+            t0 = time.time()
+            train_shapes_features(folder, steps=steps, seed=self.seed, image_size=image_size,
+                                  dataset_size=dataset_size, progress=self.progress)
+            self.log(f"  done in {time.time() - t0:.0f}s")
+            self.add_training_time(name, time.time() - t0)
+        return load_shapes_features(folder)
 
     def reference_features(self) -> Tuple[np.ndarray, np.ndarray]:
         """(reference, floor): features of n_ref held-out shapes, and of n_gen other ones."""
